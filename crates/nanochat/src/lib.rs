@@ -1,0 +1,14 @@
+//! nanochat in Rust: the library behind the `nanochat` binary.
+//!
+//! One module per concept, named after it, in pipeline order: the tokenizer and the conversation
+//! format, pretraining data, the model and its optimizers, training stages, the inference engine,
+//! evaluation, serving and the report.
+
+pub mod calculator;
+pub mod common;
+pub mod conversation;
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod tok;
+pub mod tokenizer;

@@ -1,0 +1,32 @@
+//! The `nanochat` command line: one subcommand per pipeline stage, each a thin call into the library.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "nanochat",
+    version,
+    about = "Train and serve your own small ChatGPT: tokenizer, pretraining, chat stages, evals, chat and web UI"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tokenizer: train it, evaluate its compression.
+    #[command(subcommand)]
+    Tok(nanochat::tok::TokCommand),
+    /// Pretraining data: download shards, build shards from your own text, benchmark the loader.
+    #[command(subcommand)]
+    Data(nanochat::data::cli::DataCommand),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Tok(cmd) => nanochat::tok::run(cmd),
+        Command::Data(cmd) => nanochat::data::cli::run(cmd),
+    }
+}

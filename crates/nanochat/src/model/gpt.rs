@@ -1,0 +1,435 @@
+//! The GPT of nanochat v0, to be read top to bottom like the original `gpt.py`.
+//!
+//! Design choices, all as in the original:
+//! - rotary position embeddings (base 10,000, halves rotated, not interleaved), no learned positions;
+//!   the cos/sin tables hold bf16-rounded values, because v0 stores them in bf16
+//! - QK-norm: RMSNorm of queries and keys after RoPE
+//! - untied token embedding and lm_head, no biases anywhere
+//! - RMSNorm without learnable parameters, eps = f32::EPSILON
+//! - ReLU² MLP of width 4 * n_embd
+//! - group-query attention (n_kv_head divides n_head)
+//! - logits softcapped at 15 with tanh
+
+use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
+use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+
+use super::kv_cache::KvCache;
+use super::ops::{cross_entropy_mean, cross_entropy_per_token, rms_norm, softcap, softmax_last_dim};
+
+/// Base of the rotary frequencies.
+const ROPE_BASE: f32 = 10_000.0;
+/// Logits are squashed into (-SOFTCAP, SOFTCAP).
+const SOFTCAP: f64 = 15.0;
+/// The rotary tables cover 10x the training context, as in the original, so that generation can
+/// run past `sequence_len` without recomputing them.
+const ROTARY_LEN_FACTOR: usize = 10;
+
+/// Model shape. Everything derives from `depth` in practice (see [`GPTConfig::from_depth`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GPTConfig {
+    pub sequence_len: usize,
+    pub vocab_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub n_embd: usize,
+}
+
+impl GPTConfig {
+    /// nanochat's single dial: width 64 per layer, heads of dimension ~128, no GQA.
+    pub fn from_depth(depth: usize, vocab_size: usize, sequence_len: usize) -> Self {
+        let n_embd = depth * 64;
+        let n_head = n_embd.div_ceil(128).max(1);
+        Self { sequence_len, vocab_size, n_layer: depth, n_head, n_kv_head: n_head, n_embd }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// Rejects shapes the forward pass cannot run, with the reason.
+    pub fn validate(&self) -> Result<()> {
+        let c = self;
+        if c.n_layer == 0 || c.n_head == 0 || c.n_kv_head == 0 || c.vocab_size == 0 {
+            candle_core::bail!("GPTConfig needs n_layer, n_head, n_kv_head, vocab_size > 0: {c:?}");
+        }
+        if c.n_embd % c.n_head != 0 || c.head_dim() % 2 != 0 {
+            candle_core::bail!("n_embd must split into n_head heads of even dimension: {c:?}");
+        }
+        if c.n_head % c.n_kv_head != 0 {
+            candle_core::bail!("n_kv_head must divide n_head: {c:?}");
+        }
+        Ok(())
+    }
+
+    /// Every parameter's name and (rows, cols) shape, in the original's `named_parameters()` order.
+    /// Weights are [out, in] like torch's `Linear`.
+    pub fn param_shapes(&self) -> Vec<(String, (usize, usize))> {
+        let (c, kv) = (self.n_embd, self.n_kv_head * self.head_dim());
+        let mut shapes = vec![("transformer.wte.weight".to_string(), (self.vocab_size, c))];
+        for i in 0..self.n_layer {
+            let h = format!("transformer.h.{i}");
+            shapes.push((format!("{h}.attn.c_q.weight"), (c, c)));
+            shapes.push((format!("{h}.attn.c_k.weight"), (kv, c)));
+            shapes.push((format!("{h}.attn.c_v.weight"), (kv, c)));
+            shapes.push((format!("{h}.attn.c_proj.weight"), (c, c)));
+            shapes.push((format!("{h}.mlp.c_fc.weight"), (4 * c, c)));
+            shapes.push((format!("{h}.mlp.c_proj.weight"), (c, 4 * c)));
+        }
+        shapes.push(("lm_head.weight".to_string(), (self.vocab_size, c)));
+        shapes
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.param_shapes().iter().map(|(_, (r, c))| r * c).sum()
+    }
+
+    /// Training FLOPs per token: 6 per non-embedding weight (forward + backward matmuls; the
+    /// embedding is a lookup) plus the attention score/value matmuls over the full context.
+    pub fn estimate_flops(&self) -> u64 {
+        let non_embedding = (self.num_params() - self.vocab_size * self.n_embd) as u64;
+        let (l, h, q, t) = (self.n_layer, self.n_head, self.head_dim(), self.sequence_len);
+        6 * non_embedding + 12 * (l * h * q * t) as u64
+    }
+}
+
+/// Standard deviation of v0's init for a parameter: embedding N(0, 1); `lm_head` and every
+/// `c_proj` zero (each block starts as the identity, logits start uniform); other linears
+/// 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)).
+pub fn init_std(name: &str, rows: usize, cols: usize) -> f64 {
+    if name == "transformer.wte.weight" {
+        1.0
+    } else if name == "lm_head.weight" || name.ends_with(".c_proj.weight") {
+        0.0
+    } else {
+        let (fan_out, fan_in) = (rows as f64, cols as f64);
+        1.0 / fan_in.sqrt() * (fan_out / fan_in).sqrt().min(1.0)
+    }
+}
+
+/// The model's parameters as (name, Var) in `named_parameters()` order, for the optimizers.
+pub fn named_vars(config: &GPTConfig, varmap: &VarMap) -> Result<Vec<(String, Var)>> {
+    let data = varmap.data().lock().map_err(|e| candle_core::Error::Msg(format!("VarMap lock poisoned: {e}")))?;
+    config
+        .param_shapes()
+        .into_iter()
+        .map(|(name, _)| match data.get(&name) {
+            Some(var) => Ok((name, var.clone())),
+            None => candle_core::bail!("VarMap has no parameter {name}"),
+        })
+        .collect()
+}
+
+/// The rotary cos and sin tables, each (len, 1, head_dim/2): f32 tensors holding bf16-rounded
+/// values, because v0 keeps these buffers in bf16 and fp32 * bf16 promotes to fp32.
+fn rotary_tables(len: usize, head_dim: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / ROPE_BASE.powf((2 * i) as f32 / head_dim as f32)).collect();
+    let freqs: Vec<f32> = (0..len).flat_map(|t| inv_freq.iter().map(move |f| t as f32 * f)).collect();
+    let table = |f: fn(f32) -> f32| -> Result<Tensor> {
+        let values: Vec<f32> = freqs.iter().map(|&x| f(x)).collect();
+        Tensor::from_vec(values, (len, 1, half), device)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+    };
+    Ok((table(f32::cos)?, table(f32::sin)?))
+}
+
+/// Rotates the two halves of the last dimension of `x` (B, T, H, D) by position; `cos` and `sin`
+/// are (T, 1, D/2) and broadcast over batch and heads.
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)? / 2;
+    let (x1, x2) = (x.narrow(D::Minus1, 0, d)?, x.narrow(D::Minus1, d, d)?);
+    let y1 = (x1.broadcast_mul(cos)? + x2.broadcast_mul(sin)?)?;
+    let y2 = (x2.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[&y1, &y2], D::Minus1)
+}
+
+/// Additive attention mask (Tq, Tk) for a chunk of `tq` queries whose keys are the `tk - tq`
+/// cached positions followed by the chunk itself: the whole prefix is visible, and causal inside
+/// the chunk. With no prefix this is the plain causal mask.
+fn attention_mask(tq: usize, tk: usize, device: &Device) -> Result<Tensor> {
+    let prefix = tk - tq;
+    let mask: Vec<f32> =
+        (0..tq).flat_map(|i| (0..tk).map(move |j| if j <= prefix + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Tensor::from_vec(mask, (tq, tk), device)
+}
+
+fn linear(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
+    let w = vb.get_with_hints((out_dim, in_dim), &format!("{name}.weight"), candle_nn::init::ZERO)?;
+    Ok(Linear::new(w, None))
+}
+
+/// Named intermediate tensors collected by [`GPT::forward_with_activations`].
+type Trace = Vec<(String, Tensor)>;
+
+/// What every attention layer of one forward pass shares: the rotary rows of the chunk's
+/// positions and the additive mask (None for a single query, which sees every key).
+struct AttnContext {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+}
+
+struct CausalSelfAttention {
+    layer_idx: usize,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    c_q: Linear,
+    c_k: Linear,
+    c_v: Linear,
+    c_proj: Linear,
+}
+
+impl CausalSelfAttention {
+    fn new(cfg: &GPTConfig, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
+        let (c, hd) = (cfg.n_embd, cfg.head_dim());
+        Ok(Self {
+            layer_idx,
+            n_head: cfg.n_head,
+            n_kv_head: cfg.n_kv_head,
+            head_dim: hd,
+            c_q: linear(&vb, "c_q", cfg.n_head * hd, c)?,
+            c_k: linear(&vb, "c_k", cfg.n_kv_head * hd, c)?,
+            c_v: linear(&vb, "c_v", cfg.n_kv_head * hd, c)?,
+            c_proj: linear(&vb, "c_proj", c, c)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &AttnContext, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let (h, hkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        // project and split heads: q (B, T, H, D), k and v (B, T, Hkv, D)
+        let q = self.c_q.forward(x)?.reshape((b, t, h, hd))?;
+        let k = self.c_k.forward(x)?.reshape((b, t, hkv, hd))?;
+        let v = self.c_v.forward(x)?.reshape((b, t, hkv, hd))?;
+        // rotary, then QK-norm, then heads first: q (B, H, T, D), k and v (B, Hkv, T, D)
+        let q = rms_norm(&apply_rotary(&q, &ctx.cos, &ctx.sin)?)?;
+        let k = rms_norm(&apply_rotary(&k, &ctx.cos, &ctx.sin)?)?;
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        // with a cache, prepend the past: k and v (B, Hkv, Tk, D), Tk = cached + T
+        let (k, v) = match cache {
+            Some(cache) => cache.append(self.layer_idx, k, v)?,
+            None => (k, v),
+        };
+        let tk = k.dim(2)?;
+        // GQA: the r query heads served by kv head j are adjacent (heads j*r .. j*r+r-1, like
+        // repeat_interleave), so stacking them along time, q (B, Hkv, r*T, D), lets every query
+        // meet its kv head in one matmul without copying k and v r times.
+        let r = h / hkv;
+        let q = q.reshape((b, hkv, r * t, hd))?;
+        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // (B, Hkv, r*T, Tk)
+        let att = att.reshape((b, hkv, r, t, tk))?;
+        let att = match &ctx.mask {
+            Some(mask) => att.broadcast_add(mask)?,
+            None => att,
+        };
+        let att = softmax_last_dim(&att)?.reshape((b, hkv, r * t, tk))?;
+        let y = att.matmul(&v)?; // (B, Hkv, r*T, D)
+
+        // heads back together: (B, H, T, D) -> (B, T, H*D)
+        let y = y.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, c))?;
+        self.c_proj.forward(&y)
+    }
+}
+
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &GPTConfig, vb: VarBuilder) -> Result<Self> {
+        let c = cfg.n_embd;
+        Ok(Self { c_fc: linear(&vb, "c_fc", 4 * c, c)?, c_proj: linear(&vb, "c_proj", c, 4 * c)? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // (B, T, C) -> (B, T, 4C) -> relu² -> (B, T, C)
+        self.c_proj.forward(&self.c_fc.forward(x)?.relu()?.sqr()?)
+    }
+}
+
+struct Block {
+    attn: CausalSelfAttention,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        ctx: &AttnContext,
+        cache: Option<&mut KvCache>,
+        trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        let attn_out = self.attn.forward(&rms_norm(x)?, ctx, cache)?;
+        let x = (x + &attn_out)?;
+        let mlp_out = self.mlp.forward(&rms_norm(&x)?)?;
+        let x = (x + &mlp_out)?;
+        if let Some(trace) = trace {
+            trace.push((format!("h.{i}.attn_out"), attn_out));
+            trace.push((format!("h.{i}.mlp_out"), mlp_out));
+            trace.push((format!("h.{i}.out"), x.clone()));
+        }
+        Ok(x)
+    }
+}
+
+/// How [`GPT::loss`] reduces the per-token cross-entropies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduction {
+    /// Mean over the targets that are not -1.
+    Mean,
+    /// One loss per target, flattened (B*T), 0 where the target is -1 (torch's `'none'`).
+    PerToken,
+}
+
+/// The GPT. Parameters come from a [`VarBuilder`] under the original's names.
+#[allow(clippy::upper_case_acronyms)] // named as in the original
+pub struct GPT {
+    config: GPTConfig,
+    wte: Embedding,
+    blocks: Vec<Block>,
+    lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl GPT {
+    /// Builds the model over the tensors of `vb` (a checkpoint, or a [`VarMap`] for training;
+    /// parameters missing from a VarMap are created as zeros: use [`GPT::init`] for a fresh model).
+    pub fn new(config: &GPTConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
+        let c = config.n_embd;
+        let wte_w = vb.get_with_hints((config.vocab_size, c), "transformer.wte.weight", candle_nn::init::ZERO)?;
+        let blocks = (0..config.n_layer)
+            .map(|i| {
+                let vb = vb.pp(format!("transformer.h.{i}"));
+                Ok(Block {
+                    attn: CausalSelfAttention::new(config, i, vb.pp("attn"))?,
+                    mlp: Mlp::new(config, vb.pp("mlp"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = linear(&vb, "lm_head", config.vocab_size, c)?;
+        let rotary_len = config.sequence_len * ROTARY_LEN_FACTOR;
+        let (cos, sin) = rotary_tables(rotary_len, config.head_dim(), vb.device())?;
+        Ok(Self { config: config.clone(), wte: Embedding::new(wte_w, c), blocks, lm_head, cos, sin })
+    }
+
+    /// A freshly initialised, trainable model (v0's `init_weights`, see [`init_std`]), drawn
+    /// deterministically from `seed` in `named_parameters()` order, with the VarMap that owns its
+    /// parameters.
+    pub fn init(config: &GPTConfig, seed: u64, device: &Device) -> Result<(Self, VarMap)> {
+        config.validate()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let varmap = VarMap::new();
+        {
+            let mut data =
+                varmap.data().lock().map_err(|e| candle_core::Error::Msg(format!("VarMap lock poisoned: {e}")))?;
+            for (name, (rows, cols)) in config.param_shapes() {
+                let std = init_std(&name, rows, cols);
+                let values: Vec<f32> = if std == 0.0 {
+                    vec![0.0; rows * cols]
+                } else {
+                    let normal = Normal::new(0.0f32, std as f32).map_err(candle_core::Error::wrap)?;
+                    (0..rows * cols).map(|_| normal.sample(&mut rng)).collect()
+                };
+                let var = Var::from_tensor(&Tensor::from_vec(values, (rows, cols), device)?)?;
+                data.insert(name, var);
+            }
+        }
+        let model = Self::new(config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+        Ok((model, varmap))
+    }
+
+    pub fn config(&self) -> &GPTConfig {
+        &self.config
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.config.num_params()
+    }
+
+    pub fn estimate_flops(&self) -> u64 {
+        self.config.estimate_flops()
+    }
+
+    /// The full rotary cos/sin tables, (10 * sequence_len, 1, head_dim/2).
+    pub fn rotary(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
+    /// `idx` (B, T) of token ids. Without targets: softcapped logits (B, T, V). With targets
+    /// (B, T), -1 = ignore: the mean cross-entropy, a scalar.
+    pub fn forward(&self, idx: &Tensor, targets: Option<&Tensor>) -> Result<Tensor> {
+        match targets {
+            Some(targets) => self.loss(idx, targets, Reduction::Mean),
+            None => self.logits(&self.trunk(idx, None, None)?),
+        }
+    }
+
+    /// Cross-entropy of the next-token predictions for `idx` against `targets` (B, T).
+    pub fn loss(&self, idx: &Tensor, targets: &Tensor, reduction: Reduction) -> Result<Tensor> {
+        let logits = self.logits(&self.trunk(idx, None, None)?)?;
+        let v = logits.dim(D::Minus1)?;
+        let logits = logits.reshape(((), v))?; // (B*T, V)
+        let targets = targets.flatten_all()?; // (B*T,)
+        match reduction {
+            Reduction::Mean => cross_entropy_mean(&logits, &targets),
+            Reduction::PerToken => Ok(cross_entropy_per_token(&logits, &targets)?.0),
+        }
+    }
+
+    /// Logits (B, T, V) for a chunk of `idx` (B, T) that continues the sequence held in `cache`
+    /// (prefill with the whole prompt, then decode one token at a time); appends to the cache.
+    pub fn forward_cached(&self, idx: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.logits(&self.trunk(idx, Some(cache), None)?)
+    }
+
+    /// Logits plus the intermediate activations, named like the fixtures: `h.{i}.attn_out`,
+    /// `h.{i}.mlp_out` (module outputs before the residual add), `h.{i}.out`, `lm_head_in`.
+    pub fn forward_with_activations(&self, idx: &Tensor) -> Result<(Tensor, Trace)> {
+        let mut trace = Trace::new();
+        let x = self.trunk(idx, None, Some(&mut trace))?;
+        trace.push(("lm_head_in".to_string(), x.clone()));
+        Ok((self.logits(&x)?, trace))
+    }
+
+    /// Embedding and blocks: the final normalised hidden state (B, T, C).
+    fn trunk(&self, idx: &Tensor, mut cache: Option<&mut KvCache>, mut trace: Option<&mut Trace>) -> Result<Tensor> {
+        let (_b, t) = idx.dims2()?;
+        let t0 = cache.as_ref().map_or(0, |c| c.pos());
+        if t0 + t > self.cos.dim(0)? {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the rotary tables ({} = 10 * sequence_len)",
+                t0 + t,
+                self.cos.dim(0)?
+            );
+        }
+        let ctx = AttnContext {
+            cos: self.cos.narrow(0, t0, t)?,
+            sin: self.sin.narrow(0, t0, t)?,
+            mask: if t > 1 { Some(attention_mask(t, t0 + t, idx.device())?) } else { None },
+        };
+        let mut x = rms_norm(&self.wte.forward(idx)?)?; // (B, T, C)
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(i, &x, &ctx, cache.as_deref_mut(), trace.as_deref_mut())?;
+        }
+        if let Some(cache) = cache {
+            cache.advance(t);
+        }
+        rms_norm(&x)
+    }
+
+    /// (B, T, C) -> softcapped logits (B, T, V).
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        softcap(&self.lm_head.forward(x)?, SOFTCAP)
+    }
+}

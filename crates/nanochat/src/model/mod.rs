@@ -1,0 +1,9 @@
+//! The model: nanochat v0's GPT on candle (`gpt`), its key/value cache for generation
+//! (`kv_cache`), and the differentiable building blocks it is made of (`ops`).
+
+pub mod gpt;
+pub mod kv_cache;
+pub mod ops;
+
+pub use gpt::{named_vars, GPTConfig, Reduction, GPT};
+pub use kv_cache::KvCache;

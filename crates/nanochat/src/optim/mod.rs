@@ -1,0 +1,144 @@
+//! The optimizers of v0 `base_train`: Muon for the 2-D matrices of the transformer blocks, AdamW
+//! for the embedding and the lm_head, the learning-rate and momentum schedules, and gradient
+//! clipping by global norm. They update candle `Var`s in place from a `GradStore`.
+
+pub mod adamw;
+pub mod muon;
+pub mod schedule;
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Result, Tensor, Var};
+use candle_nn::VarMap;
+
+pub use adamw::AdamW;
+pub use muon::Muon;
+pub use schedule::{muon_momentum, LrSchedule};
+
+use crate::model::{named_vars, GPTConfig};
+
+/// Named parameters sharing a learning rate. `initial_lr` is what the schedule multiplies.
+pub struct ParamGroup {
+    pub params: Vec<(String, Var)>,
+    pub lr: f64,
+    pub initial_lr: f64,
+}
+
+impl ParamGroup {
+    pub fn new(params: Vec<(String, Var)>, lr: f64) -> Self {
+        Self { params, lr, initial_lr: lr }
+    }
+
+    pub fn set_lr_multiplier(&mut self, multiplier: f64) {
+        self.lr = self.initial_lr * multiplier;
+    }
+}
+
+/// Learning rates of v0 `base_train`. The AdamW ones are for a width of 768 and get scaled by
+/// `(n_embd / 768)^-0.5`; Muon's is not scaled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimConfig {
+    pub unembedding_lr: f64,
+    pub embedding_lr: f64,
+    pub matrix_lr: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self { unembedding_lr: 0.004, embedding_lr: 0.2, matrix_lr: 0.02, weight_decay: 0.0 }
+    }
+}
+
+/// Both optimizers of a GPT, stepped together.
+pub struct Optimizers {
+    pub adamw: AdamW,
+    pub muon: Muon,
+}
+
+/// v0 `setup_optimizers`: AdamW (betas (0.8, 0.95), eps 1e-10) with one group for the lm_head
+/// and one for the embedding, Muon for every matrix in the blocks.
+pub fn setup_optimizers(config: &GPTConfig, varmap: &VarMap, hp: &OptimConfig) -> Result<Optimizers> {
+    let dmodel_lr_scale = (config.n_embd as f64 / 768.0).powf(-0.5);
+    let (mut embedding, mut lm_head, mut matrices) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, var) in named_vars(config, varmap)? {
+        match name.as_str() {
+            "transformer.wte.weight" => embedding.push((name, var)),
+            "lm_head.weight" => lm_head.push((name, var)),
+            _ => matrices.push((name, var)),
+        }
+    }
+    let adam_groups = vec![
+        ParamGroup::new(lm_head, hp.unembedding_lr * dmodel_lr_scale),
+        ParamGroup::new(embedding, hp.embedding_lr * dmodel_lr_scale),
+    ];
+    Ok(Optimizers {
+        adamw: AdamW::new(adam_groups, (0.8, 0.95), 1e-10, hp.weight_decay),
+        muon: Muon::new(ParamGroup::new(matrices, hp.matrix_lr)),
+    })
+}
+
+impl Optimizers {
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.adamw.step(grads)?;
+        self.muon.step(grads)
+    }
+
+    /// Sets every group's learning rate to its initial one times `multiplier` (the schedule).
+    pub fn set_lr_multiplier(&mut self, multiplier: f64) {
+        self.adamw.groups.iter_mut().for_each(|g| g.set_lr_multiplier(multiplier));
+        self.muon.group.set_lr_multiplier(multiplier);
+    }
+
+    pub fn set_muon_momentum(&mut self, momentum: f64) {
+        self.muon.momentum = momentum;
+    }
+
+    /// Every parameter of both optimizers.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        let adam = self.adamw.groups.iter().flat_map(|g| g.params.iter());
+        adam.chain(self.muon.group.params.iter()).map(|(_, v)| v)
+    }
+
+    /// Both optimizers' state, keys prefixed `adamw.` and `muon.`.
+    pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        let adam = self.adamw.state_dict()?.into_iter().map(|(k, v)| (format!("adamw.{k}"), v));
+        let muon = self.muon.state_dict().into_iter().map(|(k, v)| (format!("muon.{k}"), v));
+        Ok(adam.chain(muon).collect())
+    }
+
+    pub fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let strip = |prefix: &str| -> HashMap<String, Tensor> {
+            state.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone()))).collect()
+        };
+        self.adamw.load_state_dict(&strip("adamw."))?;
+        self.muon.load_state_dict(&strip("muon."))
+    }
+}
+
+/// torch's `clip_grad_norm_`: scales every gradient by `max_norm / (total_norm + 1e-6)` when that
+/// is below 1, where `total_norm` is the L2 norm of all gradients together. Returns `total_norm`.
+pub fn clip_grad_norm<'a>(
+    vars: impl IntoIterator<Item = &'a Var>,
+    grads: &mut GradStore,
+    max_norm: f64,
+) -> Result<f64> {
+    let vars: Vec<&Var> = vars.into_iter().collect();
+    let mut sum_sq = 0.0f64;
+    for var in &vars {
+        if let Some(g) = grads.get(var) {
+            sum_sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        }
+    }
+    let total_norm = sum_sq.sqrt();
+    let coef = max_norm / (total_norm + 1e-6);
+    if coef < 1.0 {
+        for var in &vars {
+            if let Some(g) = grads.remove(var) {
+                grads.insert(var, g.affine(coef, 0.0)?);
+            }
+        }
+    }
+    Ok(total_norm)
+}
