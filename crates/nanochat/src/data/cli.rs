@@ -32,8 +32,8 @@ pub enum DataCommand {
         /// Tries per shard before giving up (network errors and HTTP 5xx are retried)
         #[arg(long, default_value_t = 5)]
         attempts: u32,
-        /// Destination [default: $NANOCHAT_BASE_DIR/base_data]
-        #[arg(long, value_name = "DIR")]
+        /// Destination shard directory [default: $NANOCHAT_BASE_DIR/base_data]
+        #[arg(long = "data-dir", env = "NANOCHAT_DATA_DIR", value_name = "DIR")]
         dir: Option<PathBuf>,
     },
     /// Build shards from local .txt, .jsonl (field `text`), .txt.gz, .jsonl.gz or .parquet files
@@ -57,7 +57,7 @@ pub enum DataCommand {
     /// Measure loader throughput (tokens/s) on the training shards for each tokenizer thread count
     Bench {
         /// Shard directory [default: $NANOCHAT_BASE_DIR/base_data]
-        #[arg(long, value_name = "DIR")]
+        #[arg(long = "data-dir", env = "NANOCHAT_DATA_DIR", value_name = "DIR")]
         dir: Option<PathBuf>,
         /// Tokenizer directory [default: $NANOCHAT_BASE_DIR/tokenizer]
         #[arg(long, value_name = "DIR")]
