@@ -10,5 +10,6 @@ pub mod conversation;
 pub mod data;
 pub mod model;
 pub mod optim;
+pub mod tasks;
 pub mod tok;
 pub mod tokenizer;

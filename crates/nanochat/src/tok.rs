@@ -5,6 +5,7 @@
 //! stops after `--max-chars` characters, as the original does. Evaluation compares bytes per
 //! token against GPT-2's and GPT-4's vocabularies on several kinds of text.
 
+use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -85,42 +86,78 @@ fn data_dir(arg: Option<PathBuf>) -> PathBuf {
     arg.unwrap_or_else(dataset::data_dir)
 }
 
-/// Calls `f` on every document of the given shards, in order, until it returns false.
-fn for_each_document(shards: &[PathBuf], mut f: impl FnMut(String) -> bool) -> Result<()> {
-    for path in shards {
-        let shard = Shard::open(path)?;
-        for rg in 0..shard.num_row_groups() {
-            for doc in shard.read_texts(rg)? {
-                if !f(doc) {
-                    return Ok(());
+/// The documents of `shards` in order, read lazily one row group at a time. A read error ends the
+/// stream and is left in `error` for the caller to report.
+fn documents<'a>(
+    shards: &'a [PathBuf],
+    error: &'a RefCell<Option<anyhow::Error>>,
+) -> impl Iterator<Item = String> + 'a {
+    let mut next_shard = 0;
+    let mut open: Option<(Shard, usize)> = None;
+    let mut buffered = Vec::new().into_iter();
+    std::iter::from_fn(move || loop {
+        if let Some(doc) = buffered.next() {
+            return Some(doc);
+        }
+        let (shard, rg) = match &mut open {
+            Some(current) => current,
+            None => {
+                let path = shards.get(next_shard)?;
+                next_shard += 1;
+                match Shard::open(path) {
+                    Ok(shard) => open.insert((shard, 0)),
+                    Err(e) => {
+                        *error.borrow_mut() = Some(e);
+                        return None;
+                    }
                 }
             }
+        };
+        if *rg >= shard.num_row_groups() {
+            open = None;
+            continue;
         }
-    }
-    Ok(())
+        match shard.read_texts(*rg) {
+            Ok(docs) => buffered = docs.into_iter(),
+            Err(e) => {
+                *error.borrow_mut() = Some(e);
+                return None;
+            }
+        }
+        *rg += 1;
+    })
 }
 
-/// Up to `max_chars` characters of training documents, each capped at `doc_cap` characters.
-fn training_text(dir: &std::path::Path, max_chars: u64, doc_cap: usize, exact: bool) -> Result<Vec<String>> {
+/// Calls `f` on every document of the given shards, in order, until it returns false.
+fn for_each_document(shards: &[PathBuf], mut f: impl FnMut(String) -> bool) -> Result<()> {
+    let error = RefCell::new(None);
+    for doc in documents(shards, &error) {
+        if !f(doc) {
+            break;
+        }
+    }
+    error.into_inner().map_or(Ok(()), Err)
+}
+
+/// The first `chars` characters of `doc`.
+fn cap_chars(mut doc: String, chars: usize) -> String {
+    if let Some((cut, _)) = doc.char_indices().nth(chars) {
+        doc.truncate(cut);
+    }
+    doc
+}
+
+/// Exactly `chars` characters of training documents, in shard order (the last one cut): the
+/// benchmark's fixed input.
+fn training_text(dir: &std::path::Path, chars: u64) -> Result<Vec<String>> {
     let shards = dataset::split_shards(dir, Split::Train)?;
     let mut docs = Vec::new();
     let mut total = 0u64;
     for_each_document(&shards, |doc| {
-        let mut doc = match doc.char_indices().nth(doc_cap) {
-            Some((cut, _)) => doc[..cut].to_string(),
-            None => doc,
-        };
-        let mut n = doc.chars().count() as u64;
-        if exact && total + n > max_chars {
-            let keep = (max_chars - total) as usize;
-            if let Some((cut, _)) = doc.char_indices().nth(keep) {
-                doc.truncate(cut);
-            }
-            n = keep as u64;
-        }
-        total += n;
+        let doc = cap_chars(doc, (chars - total) as usize);
+        total += doc.chars().count() as u64;
         docs.push(doc);
-        total < max_chars
+        total < chars
     })?;
     Ok(docs)
 }
@@ -128,24 +165,35 @@ fn training_text(dir: &std::path::Path, max_chars: u64, doc_cap: usize, exact: b
 fn train(args: TrainArgs) -> Result<()> {
     let dir = data_dir(args.data_dir);
     let out = args.out.unwrap_or_else(crate::tokenizer::tokenizer_dir);
+    let shards = dataset::split_shards(&dir, Split::Train)?;
+    eprintln!("training on up to {} characters from {}", args.max_chars, dir.display());
     let start = Instant::now();
-    eprintln!("reading up to {} characters of training text from {}", args.max_chars, dir.display());
-    let docs = training_text(&dir, args.max_chars, args.doc_cap, false)?;
-    let chars: u64 = docs.iter().map(|d| d.chars().count() as u64).sum();
-    let bytes: u64 = docs.iter().map(|d| d.len() as u64).sum();
-    let read_time = start.elapsed();
-
+    // Documents stream from the shards as training consumes them: nothing is held but the
+    // batch being counted.
+    let error = RefCell::new(None);
+    let (docs, chars, bytes) = (Cell::new(0u64), Cell::new(0u64), Cell::new(0u64));
+    let stream = documents(&shards, &error).map(|doc| cap_chars(doc, args.doc_cap)).take_while(|doc| {
+        let more = chars.get() < args.max_chars;
+        if more {
+            docs.set(docs.get() + 1);
+            chars.set(chars.get() + doc.chars().count() as u64);
+            bytes.set(bytes.get() + doc.len() as u64);
+        }
+        more
+    });
     let n_merges = args.vocab_size.saturating_sub(256 + bpe::SPECIAL_TOKENS.len() as u32);
-    let pb = crate::common::progress_bar(bytes + n_merges as u64, "tok train");
+    let pb = crate::common::progress_bar(args.max_chars + n_merges as u64, "tok train");
     let progress = |p: bpe::TrainProgress| match p {
-        bpe::TrainProgress::Counted { chars, .. } => pb.set_position(chars),
-        bpe::TrainProgress::Merged { done, .. } => pb.set_position(bytes + done as u64),
+        bpe::TrainProgress::Counted { chars, .. } => pb.set_position(chars.min(args.max_chars)),
+        bpe::TrainProgress::Merged { done, .. } => pb.set_position(args.max_chars + done as u64),
     };
-    let train_start = Instant::now();
-    let tok = bpe::Tokenizer::train_with_progress(&docs, args.vocab_size, &args.pattern, &progress)
-        .context("training the tokenizer")?;
+    let trained = bpe::Tokenizer::train_with_progress(stream, args.vocab_size, &args.pattern, &progress);
     pb.finish_and_clear();
-    let train_time = train_start.elapsed();
+    if let Some(e) = error.into_inner() {
+        return Err(e.context("reading the training shards"));
+    }
+    let tok = trained.context("training the tokenizer")?;
+    let train_time = start.elapsed();
     tok.save(&out).with_context(|| format!("saving the tokenizer to {}", out.display()))?;
 
     // Compression on held-out text: the validation shard's first documents.
@@ -162,13 +210,12 @@ fn train(args: TrainArgs) -> Result<()> {
         "trained a {}-token vocabulary ({} merges) on {} documents, {} chars, {} bytes",
         tok.vocab_size(),
         tok.n_mergeable() - 256,
-        docs.len(),
-        chars,
-        bytes
+        docs.get(),
+        chars.get(),
+        bytes.get()
     );
     eprintln!(
-        "time: {:.1}s reading, {:.1}s training; compression on validation text: {:.3} bytes/token",
-        read_time.as_secs_f64(),
+        "time: {:.1}s reading and training; compression on validation text: {:.3} bytes/token",
         train_time.as_secs_f64(),
         sample_bytes as f64 / n_tokens.max(1) as f64
     );
@@ -233,7 +280,7 @@ fn eval(args: EvalArgs) -> Result<()> {
 
 fn bench(args: BenchArgs) -> Result<()> {
     let dir = data_dir(args.data_dir);
-    let docs = training_text(&dir, args.train_chars as u64, usize::MAX, true)?;
+    let docs = training_text(&dir, args.train_chars as u64)?;
     let t = Instant::now();
     let tok = bpe::Tokenizer::train(&docs, args.vocab_size, bpe::DEFAULT_PATTERN)?;
     let train_s = t.elapsed().as_secs_f64();

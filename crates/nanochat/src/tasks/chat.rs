@@ -1,0 +1,77 @@
+//! General chat conversations, the bulk of midtraining and SFT data.
+//!
+//! Online the original uses SmolTalk (`HuggingFaceTB/smol-smoltalk` on Hugging Face), which cannot
+//! be had offline; the mirror's ShareGPT conversations stand in, as `sft/sharegpt_{train,test}.jsonl.gz`
+//! under a [`DataRoot`], one `{"messages": [{"role", "content"}, …]}` per line. Any file of that
+//! shape (a SmolTalk export included) loads with [`ChatData::from_file`]. Conversations kept as-is;
+//! malformed ones (bad JSON, roles out of order, fewer than two turns) are skipped and counted
+//! rather than stopping a long training run over one bad row.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use super::{check_index, check_roles, open_text, Answer, DataRoot, EvalType, Example, Task};
+use crate::conversation::Conversation;
+
+pub struct ChatData {
+    name: String,
+    conversations: Vec<Conversation>,
+    skipped: usize,
+}
+
+impl ChatData {
+    /// Loads the mirror's ShareGPT split: `train` or `test`.
+    pub fn sharegpt(root: &DataRoot, split: &str) -> Result<ChatData> {
+        if !matches!(split, "train" | "test") {
+            bail!("the chat data split {split:?} does not exist: use \"train\" or \"test\"");
+        }
+        let path = root.file(
+            &format!("sft/sharegpt_{split}.jsonl.gz"),
+            "chat conversations (online: the Hugging Face dataset HuggingFaceTB/smol-smoltalk)",
+        )?;
+        ChatData::from_file(&path, &format!("ShareGPT-{split}"))
+    }
+
+    /// Loads any JSON-lines file (gzipped if its name ends in `.gz`) of `{"messages": …}` rows.
+    pub fn from_file(path: &Path, name: &str) -> Result<ChatData> {
+        let mut conversations = Vec::new();
+        let mut skipped = 0;
+        for (i, line) in open_text(path)?.lines().enumerate() {
+            let line = line.with_context(|| format!("reading {} line {}", path.display(), i + 1))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Conversation>(&line) {
+                Ok(conversation) if check_roles(&conversation).is_ok() => conversations.push(conversation),
+                _ => skipped += 1,
+            }
+        }
+        Ok(ChatData { name: name.to_string(), conversations, skipped })
+    }
+
+    /// How many malformed conversations were left out at load.
+    pub fn skipped(&self) -> usize {
+        self.skipped
+    }
+}
+
+impl Task for ChatData {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn len(&self) -> usize {
+        self.conversations.len()
+    }
+
+    fn get(&self, index: usize) -> Result<Example> {
+        check_index(&self.name, index, self.conversations.len())?;
+        Ok(Example { conversation: self.conversations[index].clone(), answer: Answer::None })
+    }
+
+    fn eval_type(&self) -> Option<EvalType> {
+        None
+    }
+}

@@ -1,0 +1,208 @@
+//! Task datasets: the conversations midtraining and SFT learn from and the chat evals grade.
+//!
+//! A [`Task`] is an indexable list of [`Example`]s. Each example is a [`Conversation`] in the
+//! original's `{"messages": …}` shape plus the [`Answer`] an evaluation needs (the letters and the
+//! correct one for multiple choice, the reference final number for GSM8K and SpellingBee). Tasks
+//! are cheap to index: files are parsed once at load, generated tasks build each example from
+//! `(seed, index)` on demand. Slicing, shuffling, mixtures and sequences are in [`mixture`].
+//!
+//! Where the data comes from. Online, the original loads Hugging Face datasets (`allenai/ai2_arc`,
+//! `cais/mmlu`, `openai/gsm8k`, `HuggingFaceTB/smol-smoltalk`) and the `dwyl/english-words` word
+//! list. This module reads the same data from a local directory, a [`DataRoot`], laid out like the
+//! project's offline mirror (`eval/arc`, `eval/mmlu`, `eval/gsm8k`, `sft/`, `words/`): users without
+//! network access point it at a mirror, users with access export those datasets into that layout.
+
+pub mod arc;
+pub mod chat;
+pub mod gsm8k;
+pub mod identity;
+pub mod mixture;
+pub mod mmlu;
+pub mod spelling;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::conversation::{Content, Conversation, Role};
+
+/// A directory laid out like the offline data mirror (see the module docs).
+#[derive(Debug, Clone)]
+pub struct DataRoot(PathBuf);
+
+impl DataRoot {
+    pub fn new(dir: impl Into<PathBuf>) -> DataRoot {
+        DataRoot(dir.into())
+    }
+
+    /// `$NANOCHAT_BASE_DIR/task_data`, next to the other artifacts.
+    pub fn default_dir() -> PathBuf {
+        crate::common::base_dir().join("task_data")
+    }
+
+    /// The path of `relative` under the root, which must exist. `source` names where the data
+    /// comes from online, so the error can say how to get it.
+    fn file(&self, relative: &str, source: &str) -> Result<PathBuf> {
+        let path = self.0.join(relative);
+        if !path.is_file() {
+            bail!(
+                "{} not found. Task data is read from {} laid out like the offline mirror ({relative}); \
+                 point the data directory (--data-dir) at such a mirror, or export {source} into that file",
+                path.display(),
+                self.0.display()
+            );
+        }
+        Ok(path)
+    }
+}
+
+impl Default for DataRoot {
+    fn default() -> DataRoot {
+        DataRoot(DataRoot::default_dir())
+    }
+}
+
+/// How a task is graded: by the logits of the answer letters, or by sampling a completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalType {
+    Categorical,
+    Generative,
+}
+
+/// What grading an example needs besides its conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// Training data only: nothing to grade.
+    None,
+    /// Multiple choice: the letters offered and the correct one.
+    Choice { letters: Vec<String>, correct: String },
+    /// The reference final answer, as [`extract_answer`] reads it from a `#### N` line.
+    Final(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub conversation: Conversation,
+    pub answer: Answer,
+}
+
+/// An indexable dataset of examples. `Send + Sync` so evals and loaders can share it across threads.
+pub trait Task: Send + Sync {
+    /// A short name for logs and reports, e.g. `ARC-Easy-test`.
+    fn name(&self) -> String;
+
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The example at `index` (`0..len()`); an index out of range is an error.
+    fn get(&self, index: usize) -> Result<Example>;
+
+    /// How the chat eval grades this task; `None` for training-only data.
+    fn eval_type(&self) -> Option<EvalType>;
+
+    /// Whether `completion` (the assistant's text) answers `example` correctly: the exact letter for
+    /// multiple choice (surrounding whitespace ignored), the same `#### N` number for generative tasks.
+    fn evaluate(&self, example: &Example, completion: &str) -> bool {
+        match &example.answer {
+            Answer::None => false,
+            Answer::Choice { correct, .. } => completion.trim() == correct,
+            Answer::Final(reference) => extract_answer(completion).as_deref() == Some(reference.as_str()),
+        }
+    }
+}
+
+/// Fails with a clear message when `index` is past the end of a task.
+fn check_index(task: &str, index: usize, len: usize) -> Result<()> {
+    if index >= len {
+        bail!("{task}: example {index} requested but the task has {len} examples");
+    }
+    Ok(())
+}
+
+/// The final answer of a GSM8K-style completion: the first `#### ` followed by an optional minus
+/// sign and digits, dots and commas, with the commas removed (the original's `#### (\-?[0-9\.\,]+)`).
+pub fn extract_answer(completion: &str) -> Option<String> {
+    let is_number_char = |c: char| c.is_ascii_digit() || c == '.' || c == ',';
+    completion.match_indices("#### ").find_map(|(at, marker)| {
+        let rest = &completion[at + marker.len()..];
+        let body = rest.strip_prefix('-').unwrap_or(rest);
+        let end = body.find(|c| !is_number_char(c)).unwrap_or(body.len());
+        if end == 0 {
+            return None;
+        }
+        let sign = if body.len() < rest.len() { "-" } else { "" };
+        Some(format!("{sign}{}", body[..end].replace(',', "")))
+    })
+}
+
+/// The original's multiple-choice prompt. The choice comes before its letter (`- choice=A`) so the
+/// letter the model answers with is the token right after the text it refers to.
+pub fn render_mc(question: &str, letters: &[String], choices: &[String]) -> String {
+    let mut prompt = format!("Multiple Choice question: {question}\n");
+    for (letter, choice) in letters.iter().zip(choices) {
+        prompt.push_str(&format!("- {choice}={letter}\n"));
+    }
+    prompt.push_str("\nRespond only with the letter of the correct answer.");
+    prompt
+}
+
+/// The generator for example `index` of the stream `stream`: distinct `(stream, index)` pairs (both
+/// below 2^32) get distinct seeds, so generated tasks never depend on which examples were read before.
+fn example_rng(stream: u64, index: usize) -> StdRng {
+    StdRng::seed_from_u64(stream.rotate_left(32) ^ index as u64)
+}
+
+/// Checks what rendering needs: an optional leading system message, then user and assistant
+/// strictly alternating (at least one of each), user messages as plain text.
+fn check_roles(conversation: &Conversation) -> Result<()> {
+    let messages = match conversation.messages.split_first() {
+        Some((first, rest)) if first.role == Role::System => rest,
+        _ => &conversation.messages[..],
+    };
+    if messages.len() < 2 {
+        bail!("a conversation needs at least a user message and an assistant reply");
+    }
+    for (i, message) in messages.iter().enumerate() {
+        let expected = if i % 2 == 0 { Role::User } else { Role::Assistant };
+        if message.role != expected {
+            bail!("message {i} is from {:?} where {expected:?} was expected: roles must alternate", message.role);
+        }
+        if message.role == Role::User && !matches!(message.content, Content::Text(_)) {
+            bail!("message {i}: user messages must be plain text");
+        }
+    }
+    Ok(())
+}
+
+/// Opens a text file, decompressing it if its name ends in `.gz`.
+fn open_text(path: &Path) -> Result<Box<dyn BufRead>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
+        Box::new(flate2::read::GzDecoder::new(file))
+    } else {
+        Box::new(file)
+    };
+    Ok(Box::new(BufReader::with_capacity(1 << 20, reader)))
+}
+
+/// Reads a JSON-lines file (optionally gzipped) into rows; blank lines are skipped and a line that
+/// does not parse is an error naming the file and line.
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let mut rows = Vec::new();
+    for (i, line) in open_text(path)?.lines().enumerate() {
+        let line = line.with_context(|| format!("reading {} line {}", path.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row = serde_json::from_str(&line)
+            .with_context(|| format!("{} line {}: not a valid row for this task", path.display(), i + 1))?;
+        rows.push(row);
+    }
+    Ok(rows)
+}
