@@ -8,6 +8,8 @@ pub mod calculator;
 pub mod common;
 pub mod conversation;
 pub mod data;
+pub mod engine;
+pub mod eval;
 pub mod model;
 pub mod optim;
 pub mod tasks;

@@ -393,6 +393,18 @@ impl GPT {
         self.logits(&self.trunk(idx, Some(cache), None)?)
     }
 
+    /// Like [`GPT::forward_cached`] but returns only the last position's logits (B, 1, V): a
+    /// prefill needs no others, and the vocabulary projection of every prompt position would
+    /// otherwise dominate the time to first token.
+    pub fn forward_cached_last(&self, idx: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let x = self.trunk(idx, Some(cache), None)?;
+        let t = x.dim(1)?;
+        if t == 0 {
+            candle_core::bail!("forward_cached_last needs at least one token");
+        }
+        self.logits(&x.narrow(1, t - 1, 1)?)
+    }
+
     /// Logits plus the intermediate activations, named like the fixtures: `h.{i}.attn_out`,
     /// `h.{i}.mlp_out` (module outputs before the residual add), `h.{i}.out`, `lm_head_in`.
     pub fn forward_with_activations(&self, idx: &Tensor) -> Result<(Tensor, Trace)> {

@@ -1,0 +1,385 @@
+//! The inference engine shared by the chat CLI, the web server, the chat evals and RL: prefill a
+//! prompt once into a KV cache, copy the cache into one row per sample, then decode all rows
+//! together, one token per step, running the calculator tool inside each row.
+//!
+//! Semantics follow the original's `Engine`:
+//! - sampling: temperature 0 is argmax (first index on ties); otherwise softmax(logits / T),
+//!   restricted to the `top_k` largest logits when asked, drawn from a [`StdRng`] seeded per
+//!   request, so the same request gives the same tokens;
+//! - a row is complete once it emits `<|assistant_end|>` or `<|bos|>`; generation stops when every
+//!   row is complete or after `max_tokens` steps;
+//! - tool use ([`RowState`]): tokens between `<|python_start|>` and `<|python_end|>` are decoded and
+//!   given to [`calculate`]; an answer is forced into the row as `<|output_start|>` answer
+//!   `<|output_end|>` over the next steps (mask 0, while sampled tokens have mask 1) and fed to the
+//!   model like sampled tokens.
+//!
+//! One deliberate difference: the original samples the first token once from the batch-1 prefill and
+//! copies it to every row; here each row samples its own first token from the same logits, so N
+//! samples at temperature > 0 differ from their first token on (at temperature 0 nothing changes).
+
+use std::collections::VecDeque;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::calculator::calculate;
+use crate::model::{KvCache, GPT};
+
+/// Complete sequences, one per sample, and their masks: what [`Engine::generate_batch`] returns.
+pub type Sequences = (Vec<Vec<u32>>, Vec<Vec<u8>>);
+
+/// What to generate for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// Rows decoded together from one prefill.
+    pub num_samples: usize,
+    /// Steps at most; the KV cache is sized to the prompt plus this.
+    pub max_tokens: usize,
+    /// 0 = greedy; otherwise the softmax temperature.
+    pub temperature: f64,
+    /// Sample only among the `k` largest logits; `None` or `Some(0)` = no limit.
+    pub top_k: Option<usize>,
+    /// Seeds the request's random number generator.
+    pub seed: u64,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self { num_samples: 1, max_tokens: 256, temperature: 1.0, top_k: None, seed: 42 }
+    }
+}
+
+/// The ids of the special tokens the engine reacts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Specials {
+    pub bos: u32,
+    pub assistant_end: u32,
+    pub python_start: u32,
+    pub python_end: u32,
+    pub output_start: u32,
+    pub output_end: u32,
+}
+
+impl Specials {
+    pub fn from_tokenizer(tokenizer: &bpe::Tokenizer) -> Result<Self> {
+        let id = |name: &str| {
+            tokenizer.special_id(name).with_context(|| format!("the tokenizer has no special token {name}"))
+        };
+        Ok(Self {
+            bos: tokenizer.bos_id(),
+            assistant_end: id("<|assistant_end|>")?,
+            python_start: id("<|python_start|>")?,
+            python_end: id("<|python_end|>")?,
+            output_start: id("<|output_start|>")?,
+            output_end: id("<|output_end|>")?,
+        })
+    }
+
+    /// Whether `id` ends a row.
+    pub fn is_stop(&self, id: u32) -> bool {
+        id == self.assistant_end || id == self.bos
+    }
+}
+
+/// One row's decoding state: the tool-use state machine and whether the row is complete. Kept
+/// apart from the model so it can be driven by any token source (tests use a scripted one).
+#[derive(Debug, Clone, Default)]
+pub struct RowState {
+    forced: VecDeque<u32>,
+    in_python: bool,
+    expr: Vec<u32>,
+    completed: bool,
+}
+
+impl RowState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Once true, the row has emitted `<|assistant_end|>` or `<|bos|>`.
+    pub fn is_completed(&self) -> bool {
+        self.completed
+    }
+
+    /// Chooses the row's next token, a pending forced token (mask 0) or else `sampled` (mask 1),
+    /// and advances the state with it.
+    pub fn step(&mut self, sampled: u32, specials: &Specials, tokenizer: &bpe::Tokenizer) -> (u32, u8) {
+        let (token, mask) = match self.forced.pop_front() {
+            Some(forced) => (forced, 0),
+            None => (sampled, 1),
+        };
+        if specials.is_stop(token) {
+            self.completed = true;
+        }
+        if token == specials.python_start {
+            self.in_python = true;
+            self.expr.clear();
+        } else if token == specials.python_end && self.in_python {
+            self.in_python = false;
+            if !self.expr.is_empty() {
+                if let Some(answer) = calculate(&tokenizer.decode(&self.expr)) {
+                    self.forced.push_back(specials.output_start);
+                    self.forced.extend(tokenizer.encode(&answer));
+                    self.forced.push_back(specials.output_end);
+                }
+            }
+            self.expr.clear();
+        } else if self.in_python {
+            self.expr.push(token);
+        }
+        (token, mask)
+    }
+}
+
+/// A model with its tokenizer, ready to generate.
+pub struct Engine {
+    model: GPT,
+    tokenizer: bpe::Tokenizer,
+    specials: Specials,
+    device: Device,
+}
+
+impl Engine {
+    pub fn new(model: GPT, tokenizer: bpe::Tokenizer) -> Result<Self> {
+        ensure!(
+            tokenizer.vocab_size() <= model.config().vocab_size,
+            "the tokenizer has {} ids but the model only {}: they do not belong together",
+            tokenizer.vocab_size(),
+            model.config().vocab_size
+        );
+        let specials = Specials::from_tokenizer(&tokenizer)?;
+        let device = model.rotary().0.device().clone();
+        Ok(Self { model, tokenizer, specials, device })
+    }
+
+    pub fn model(&self) -> &GPT {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &bpe::Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn specials(&self) -> &Specials {
+        &self.specials
+    }
+
+    /// Longest prompt + generation the model's rotary tables cover.
+    pub fn max_positions(&self) -> Result<usize> {
+        Ok(self.model.rotary().0.dim(0)?)
+    }
+
+    /// Starts generating from `prompt`: prefills it (batch 1), then yields one step at a time the
+    /// token column (one token per sample) and its mask (1 sampled, 0 forced by the tool). Rows
+    /// that completed keep being decoded until every row has (their later tokens are junk the
+    /// caller ignores, as [`Engine::generate_batch`] does).
+    pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<Generation<'_>> {
+        ensure!(!prompt.is_empty(), "cannot generate from an empty prompt: start it with <|bos|>");
+        ensure!(opts.num_samples > 0, "num_samples must be at least 1");
+        ensure!(
+            opts.temperature.is_finite() && opts.temperature >= 0.0,
+            "temperature must be a finite number >= 0, got {}",
+            opts.temperature
+        );
+        let vocab = self.model.config().vocab_size;
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            bail!("prompt token {bad} is outside the model's vocabulary of {vocab}");
+        }
+        // The last sampled token is never fed back, so prompt + max_tokens positions always suffice.
+        let capacity = prompt.len() + opts.max_tokens;
+        let limit = self.max_positions()?;
+        ensure!(
+            capacity <= limit,
+            "prompt of {} tokens + max_tokens {} exceeds the model's {limit} positions: \
+             shorten the conversation or ask for fewer tokens",
+            prompt.len(),
+            opts.max_tokens
+        );
+        let mut cache = KvCache::with_capacity(self.model.config().n_layer, capacity);
+        let ids = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
+        let logits = self.model.forward_cached_last(&ids, &mut cache)?.i((0, 0))?.to_dtype(DType::F32)?.to_vec1()?;
+        // one sample decodes in the prefill cache itself; more get a copy each
+        let cache = if opts.num_samples == 1 { cache } else { cache.expand_batch(opts.num_samples)? };
+        Ok(Generation {
+            engine: self,
+            opts: opts.clone(),
+            rng: StdRng::seed_from_u64(opts.seed),
+            cache,
+            rows: vec![RowState::new(); opts.num_samples],
+            prefill_logits: Some(logits),
+            last_column: Vec::new(),
+            generated: 0,
+            finished: false,
+        })
+    }
+
+    /// Generates `opts.num_samples` complete sequences. Each row is the prompt followed by its
+    /// completion, without the `<|assistant_end|>` / `<|bos|>` that ended it (as the original's
+    /// `generate_batch`); masks are 0 over the prompt and forced tokens, 1 over sampled ones.
+    pub fn generate_batch(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<Sequences> {
+        let mut results = vec![prompt.to_vec(); opts.num_samples];
+        let mut masks = vec![vec![0u8; prompt.len()]; opts.num_samples];
+        let mut completed = vec![false; opts.num_samples];
+        for step in self.generate(prompt, opts)? {
+            let (column, column_masks) = step?;
+            for (i, (&token, &mask)) in column.iter().zip(&column_masks).enumerate() {
+                if completed[i] {
+                    continue;
+                }
+                if self.specials.is_stop(token) {
+                    completed[i] = true;
+                } else {
+                    results[i].push(token);
+                    masks[i].push(mask);
+                }
+            }
+            if completed.iter().all(|&c| c) {
+                break;
+            }
+        }
+        Ok((results, masks))
+    }
+}
+
+/// A running generation: an iterator of steps, `(token column, mask column)`. After an error it
+/// ends.
+pub struct Generation<'a> {
+    engine: &'a Engine,
+    opts: GenerateOptions,
+    rng: StdRng,
+    cache: KvCache,
+    rows: Vec<RowState>,
+    /// The batch-1 logits after the prompt, used by the first step.
+    prefill_logits: Option<Vec<f32>>,
+    last_column: Vec<u32>,
+    generated: usize,
+    finished: bool,
+}
+
+impl Generation<'_> {
+    fn step(&mut self) -> Result<(Vec<u32>, Vec<u8>)> {
+        let n = self.opts.num_samples;
+        let sampled: Vec<u32> = match self.prefill_logits.take() {
+            // every row draws its own first token from the shared prefill logits
+            Some(logits) => {
+                (0..n).map(|_| sample(&logits, self.opts.temperature, self.opts.top_k, &mut self.rng)).collect()
+            }
+            None => {
+                let ids = Tensor::from_vec(self.last_column.clone(), (n, 1), &self.engine.device)?;
+                let logits = self.engine.model.forward_cached(&ids, &mut self.cache)?;
+                let logits = logits.i((.., 0, ..))?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                logits.iter().map(|row| sample(row, self.opts.temperature, self.opts.top_k, &mut self.rng)).collect()
+            }
+        };
+        let (specials, tokenizer) = (&self.engine.specials, &self.engine.tokenizer);
+        let (column, masks): (Vec<u32>, Vec<u8>) =
+            self.rows.iter_mut().zip(sampled).map(|(row, s)| row.step(s, specials, tokenizer)).unzip();
+        self.last_column.clone_from(&column);
+        self.generated += 1;
+        Ok((column, masks))
+    }
+}
+
+impl Iterator for Generation<'_> {
+    type Item = Result<(Vec<u32>, Vec<u8>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.finished || self.generated >= self.opts.max_tokens || self.rows.iter().all(RowState::is_completed) {
+            return None;
+        }
+        let step = self.step();
+        if step.is_err() {
+            self.finished = true;
+        }
+        Some(step)
+    }
+}
+
+/// Draws the next token from one row of logits: argmax at temperature 0 (first index on ties),
+/// else softmax(logits / temperature) over all logits or the `top_k` largest.
+pub fn sample(logits: &[f32], temperature: f64, top_k: Option<usize>, rng: &mut impl Rng) -> u32 {
+    // larger logit first, then smaller index: a total order, so ties pick the first index
+    let before = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    if temperature == 0.0 {
+        return (0..logits.len()).min_by(before).unwrap_or(0) as u32;
+    }
+    let mut candidates: Vec<usize> = (0..logits.len()).collect();
+    if let Some(k) = top_k.filter(|&k| k > 0 && k < logits.len()) {
+        candidates.select_nth_unstable_by(k - 1, before);
+        candidates.truncate(k);
+        candidates.sort_unstable();
+    }
+    let max = candidates.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let weights: Vec<f64> = candidates.iter().map(|&i| ((logits[i] as f64 - max) / temperature).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    if !(total.is_finite() && total > 0.0) {
+        // NaN logits leave nothing to sample from: fall back to the most likely token
+        return (0..logits.len()).min_by(before).unwrap_or(0) as u32;
+    }
+    let mut u = rng.random::<f64>() * total;
+    for (&i, &w) in candidates.iter().zip(&weights) {
+        if u < w {
+            return i as u32;
+        }
+        u -= w;
+    }
+    // rounding can leave u just above the last weight: that draw belongs to the last candidate
+    candidates.last().copied().unwrap_or(0) as u32
+}
+
+/// Turns a stream of generated ids into printable text: special tokens print nothing, and bytes
+/// of a character split across tokens are held back until it is complete, so a streaming
+/// display never shows half a character or a raw `<|...|>` string.
+#[derive(Debug, Default)]
+pub struct TextStream {
+    pending: Vec<u8>,
+}
+
+impl TextStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one id; returns the text that became complete (possibly empty).
+    pub fn push(&mut self, tokenizer: &bpe::Tokenizer, id: u32) -> String {
+        if (id as usize) < tokenizer.n_mergeable() {
+            self.pending.extend(tokenizer.decode_bytes(&[id]));
+        }
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(text) => {
+                    out.push_str(text);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    // valid_up_to marks a UTF-8 boundary, so this slice is valid text
+                    out.push_str(&String::from_utf8_lossy(&self.pending[..valid]));
+                    match e.error_len() {
+                        // an incomplete character at the end: wait for the next token
+                        None => {
+                            self.pending.drain(..valid);
+                            return out;
+                        }
+                        // bytes that can never become valid: one U+FFFD, as a lossy decode
+                        Some(bad) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            self.pending.drain(..valid + bad);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// What is left at the end of the stream: an unfinished character becomes U+FFFD.
+    pub fn finish(&mut self) -> String {
+        let out = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        out
+    }
+}
