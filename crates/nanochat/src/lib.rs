@@ -5,6 +5,8 @@
 //! evaluation, serving and the report.
 
 pub mod calculator;
+pub mod chat_cli;
+pub mod checkpoint;
 pub mod common;
 pub mod conversation;
 pub mod data;
@@ -15,3 +17,4 @@ pub mod optim;
 pub mod tasks;
 pub mod tok;
 pub mod tokenizer;
+pub mod train;

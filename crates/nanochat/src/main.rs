@@ -22,11 +22,18 @@ enum Command {
     /// Pretraining data: download shards, build shards from your own text, benchmark the loader.
     #[command(subcommand)]
     Data(nanochat::data::cli::DataCommand),
+    /// Base model: pretrain it (resumable, with checkpoints), evaluate a checkpoint.
+    #[command(subcommand)]
+    Base(nanochat::train::base::BaseCommand),
+    /// Talk to a trained model in the terminal (or ask one question with -p).
+    Chat(nanochat::chat_cli::ChatArgs),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Tok(cmd) => nanochat::tok::run(cmd),
         Command::Data(cmd) => nanochat::data::cli::run(cmd),
+        Command::Base(cmd) => nanochat::train::base::run(cmd),
+        Command::Chat(args) => nanochat::chat_cli::run(args),
     }
 }

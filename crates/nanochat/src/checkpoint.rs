@@ -1,0 +1,293 @@
+//! Training checkpoints on disk: what a run needs to continue exactly, and what inference needs.
+//!
+//! A checkpoint at step N is three files in one directory:
+//! - `model_{N:06}.safetensors`: the parameters under the original's names (all inference needs);
+//! - `optim_{N:06}.safetensors`: the optimizers' state (`adamw.*`, `muon.*`), only for resuming;
+//! - `meta_{N:06}.json`: format name and version, model config, step, loop state, data-loader
+//!   state, tokenizer fingerprint, the run's options, and the byte size of both tensor files.
+//!
+//! Every file is written to a temporary name and renamed into place, and the meta goes last, so a
+//! checkpoint is complete if and only if its meta exists: a crash mid-save leaves at worst an
+//! orphan tensor file that the next save overwrites. The recorded sizes catch a tensor file that
+//! was truncated or replaced afterwards.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use crate::common::{base_dir, write_atomic};
+use crate::data::loader::LoaderState;
+use crate::model::{GPTConfig, GPT};
+
+/// Written into every meta file; anything else is not a nanochat checkpoint.
+pub const FORMAT_NAME: &str = "nanochat-checkpoint";
+/// Bumped whenever the meta or tensor layout changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// `$NANOCHAT_BASE_DIR/base_checkpoints/<tag>`, the tag being `--model-tag` or `d{depth}`.
+pub fn base_checkpoint_dir(model_tag: Option<&str>, depth: usize) -> PathBuf {
+    let tag = model_tag.map_or_else(|| format!("d{depth}"), str::to_string);
+    base_dir().join("base_checkpoints").join(tag)
+}
+
+pub fn model_path(dir: &Path, step: usize) -> PathBuf {
+    dir.join(format!("model_{step:06}.safetensors"))
+}
+
+pub fn optim_path(dir: &Path, step: usize) -> PathBuf {
+    dir.join(format!("optim_{step:06}.safetensors"))
+}
+
+pub fn meta_path(dir: &Path, step: usize) -> PathBuf {
+    dir.join(format!("meta_{step:06}.json"))
+}
+
+/// The training loop's own state besides model, optimizer and data.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
+    /// The loss EMA before debiasing (the debiasing factor depends on the step only).
+    pub smooth_train_loss: f64,
+    /// Wall-clock seconds spent in training steps so far.
+    pub total_training_time: f64,
+    /// The last validation bits per byte, if any was computed.
+    pub val_bpb: Option<f64>,
+    pub min_val_bpb: Option<f64>,
+}
+
+/// The contents of `meta_{step}.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Meta {
+    pub format: String,
+    pub version: u32,
+    /// Optimizer steps completed; training resumes at this step.
+    pub step: usize,
+    pub model_config: GPTConfig,
+    pub tokenizer_fingerprint: String,
+    pub loop_state: LoopState,
+    /// Where the data loader continues; `None` for checkpoints not made by a training run.
+    pub loader_state: Option<LoaderState>,
+    /// The options of the run that wrote it, for the record.
+    pub run_config: serde_json::Value,
+    /// Byte size of each tensor file, by file name.
+    pub files: BTreeMap<String, u64>,
+}
+
+impl Meta {
+    /// A meta for the current format; `files` is filled in by [`save`].
+    pub fn new(step: usize, model_config: GPTConfig, tokenizer_fingerprint: String) -> Meta {
+        Meta {
+            format: FORMAT_NAME.to_string(),
+            version: FORMAT_VERSION,
+            step,
+            model_config,
+            tokenizer_fingerprint,
+            loop_state: LoopState::default(),
+            loader_state: None,
+            run_config: serde_json::Value::Null,
+            files: BTreeMap::new(),
+        }
+    }
+}
+
+/// A loaded checkpoint. `optim` is empty unless it was asked for.
+pub struct Checkpoint {
+    pub meta: Meta,
+    pub model: HashMap<String, Tensor>,
+    pub optim: HashMap<String, Tensor>,
+}
+
+/// The parameters of a VarMap as plain tensors, by name.
+pub fn varmap_tensors(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
+    let data = varmap.data().lock().map_err(|e| anyhow::anyhow!("VarMap lock poisoned: {e}"))?;
+    Ok(data.iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect())
+}
+
+/// Writes the checkpoint of `meta.step` into `dir` (created if needed): model, optimizer state
+/// (skipped when `optim` is `None`), then the meta.
+pub fn save(
+    dir: &Path,
+    model: &HashMap<String, Tensor>,
+    optim: Option<&HashMap<String, Tensor>>,
+    meta: &Meta,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
+    let mut meta = meta.clone();
+    meta.files.clear();
+    let step = meta.step;
+    let mut tensor_files = vec![(model_path(dir, step), model)];
+    tensor_files.extend(optim.map(|o| (optim_path(dir, step), o)));
+    for (path, tensors) in tensor_files {
+        let size = save_tensors_atomic(&path, tensors)?;
+        meta.files.insert(file_name(&path), size);
+    }
+    let json = serde_json::to_vec_pretty(&meta).context("serializing checkpoint meta")?;
+    write_atomic(&meta_path(dir, step), &json)
+}
+
+/// Saves `tensors` as safetensors at `path` via a temporary file and a rename; returns the size.
+fn save_tensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<u64> {
+    let tmp = path.with_file_name(format!(".{}.{}.tmp", file_name(path), std::process::id()));
+    let result = (|| -> Result<u64> {
+        candle_core::safetensors::save(tensors, &tmp)?;
+        let file = std::fs::OpenOptions::new().append(true).open(&tmp)?;
+        file.sync_all()?;
+        let size = file.metadata()?.len();
+        std::fs::rename(&tmp, path)?;
+        Ok(size)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The highest step with a complete checkpoint (its meta) in `dir`; `None` if there is none.
+pub fn latest_step(dir: &Path) -> Result<Option<usize>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("listing checkpoints in {}", dir.display())),
+    };
+    let mut latest = None;
+    for entry in entries {
+        let name = entry.with_context(|| format!("listing {}", dir.display()))?.file_name();
+        let name = name.to_string_lossy();
+        let step = name.strip_prefix("meta_").and_then(|s| s.strip_suffix(".json")).and_then(|s| s.parse().ok());
+        latest = latest.max(step);
+    }
+    Ok(latest)
+}
+
+/// Reads and checks the meta of `step`: it must exist, parse, and be of this format and version.
+pub fn load_meta(dir: &Path, step: usize) -> Result<Meta> {
+    let path = meta_path(dir, step);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let hint = match latest_step(dir) {
+                Ok(Some(latest)) => format!("the latest complete checkpoint there is step {latest}"),
+                _ => "there is no complete checkpoint there: train without resuming".to_string(),
+            };
+            bail!("no checkpoint for step {step} in {} ({} is missing); {hint}", dir.display(), path.display());
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let value: serde_json::Value = serde_json::from_slice(&text).with_context(|| {
+        format!("{} is not valid JSON (corrupt checkpoint): resume from another step", path.display())
+    })?;
+    let format = value.get("format").and_then(|v| v.as_str()).unwrap_or_default();
+    if format != FORMAT_NAME {
+        bail!("{} is not a nanochat checkpoint meta (format {format:?})", path.display());
+    }
+    let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or_default();
+    if version != u64::from(FORMAT_VERSION) {
+        bail!(
+            "{} has checkpoint format version {version}, but this nanochat reads version {FORMAT_VERSION}: use the \
+             nanochat release that wrote it",
+            path.display()
+        );
+    }
+    let meta: Meta = serde_json::from_value(value)
+        .with_context(|| format!("{} is missing fields or has wrong types (corrupt checkpoint)", path.display()))?;
+    if meta.step != step {
+        bail!("{} says it is step {}, not {step}: the file was renamed or copied wrongly", path.display(), meta.step);
+    }
+    Ok(meta)
+}
+
+/// Loads the checkpoint of `step` from `dir`, checking its files against the meta, its tensors
+/// against the model config, and, when `tokenizer_fingerprint` is given, its tokenizer.
+pub fn load(
+    dir: &Path,
+    step: usize,
+    device: &Device,
+    with_optim: bool,
+    tokenizer_fingerprint: Option<&str>,
+) -> Result<Checkpoint> {
+    let meta = load_meta(dir, step)?;
+    if let Some(current) = tokenizer_fingerprint {
+        if current != meta.tokenizer_fingerprint {
+            bail!(
+                "checkpoint step {step} in {} was trained with tokenizer {} but the current tokenizer is {current}: \
+                 restore the tokenizer it was trained with ($NANOCHAT_BASE_DIR/tokenizer) or train a new model",
+                dir.display(),
+                meta.tokenizer_fingerprint
+            );
+        }
+    }
+    let model = read_tensors(&model_path(dir, step), &meta, device)?;
+    check_model_tensors(&model, &meta.model_config, &model_path(dir, step))?;
+    let optim = if with_optim { read_tensors(&optim_path(dir, step), &meta, device)? } else { HashMap::new() };
+    Ok(Checkpoint { meta, model, optim })
+}
+
+/// Reads one tensor file, after checking it exists and has the size the meta recorded.
+fn read_tensors(path: &Path, meta: &Meta, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let name = file_name(path);
+    let Some(&expected) = meta.files.get(&name) else {
+        bail!("the checkpoint meta of step {} lists no {name}: it was saved without it", meta.step);
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{} is missing: the checkpoint is incomplete; resume from another step", path.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    if bytes.len() as u64 != expected {
+        bail!(
+            "{} is {} bytes but the checkpoint recorded {expected}: the file is truncated or was replaced; resume \
+             from another step",
+            path.display(),
+            bytes.len()
+        );
+    }
+    candle_core::safetensors::load_buffer(&bytes, device)
+        .with_context(|| format!("{} is not a valid safetensors file (corrupt checkpoint)", path.display()))
+}
+
+/// Every parameter of `config` must be present with its shape and f32; nothing else may be.
+fn check_model_tensors(tensors: &HashMap<String, Tensor>, config: &GPTConfig, path: &Path) -> Result<()> {
+    let shapes = config.param_shapes();
+    for (name, (rows, cols)) in &shapes {
+        let Some(t) = tensors.get(name) else {
+            bail!(
+                "{} has no tensor {name}: it does not match the model config in its meta ({config:?})",
+                path.display()
+            );
+        };
+        if t.dims() != [*rows, *cols] || t.dtype() != DType::F32 {
+            bail!(
+                "{}: tensor {name} is {:?} {:?}, but the model config needs F32 [{rows}, {cols}]",
+                path.display(),
+                t.dtype(),
+                t.dims()
+            );
+        }
+    }
+    if let Some(extra) = tensors.keys().find(|k| !shapes.iter().any(|(n, _)| n == *k)) {
+        bail!("{} has an unexpected tensor {extra}: not a checkpoint of this model", path.display());
+    }
+    Ok(())
+}
+
+/// A trainable model over the checkpoint's weights, with the VarMap that owns them.
+pub fn model_from_checkpoint(ckpt: &Checkpoint, device: &Device) -> Result<(GPT, VarMap)> {
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().map_err(|e| anyhow::anyhow!("VarMap lock poisoned: {e}"))?;
+        for (name, tensor) in &ckpt.model {
+            data.insert(name.clone(), Var::from_tensor(&tensor.to_device(device)?)?);
+        }
+    }
+    let model = GPT::new(&ckpt.meta.model_config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    Ok((model, varmap))
+}

@@ -1,0 +1,444 @@
+//! `nanochat base train`: pretraining of the GPT on the parquet shards (the original's
+//! `base_train.py`), with exact resume from checkpoints.
+//!
+//! Design choices, as in the original unless said otherwise:
+//! - everything derives from `--depth`; the horizon comes from `--num-iterations`, or
+//!   `--target-flops`, or else the Chinchilla ratio of 20 training tokens per parameter;
+//! - gradient accumulation makes every step see `--total-batch-size` tokens whatever fits in
+//!   one micro-batch of `--device-batch-size` rows of `--max-seq-len` tokens;
+//! - Muon + AdamW, no warmup, linear warmdown over the last 20% of steps, gradient clipping at 1;
+//! - validation bits per byte every `--eval-every` steps and at the end; greedy samples from fixed
+//!   prompts; checkpoints every `--save-every` steps and at the end;
+//! - the logged loss is the debiased EMA of the step losses (here the mean over the step's
+//!   micro-batches; the original logs the last micro-batch's);
+//! - unlike the original, `--eval-tokens` defaults to 20 steps' worth of tokens rather than a
+//!   fixed 10M, so that small CPU runs do not spend most of their time evaluating.
+//!
+//! A checkpoint at step N holds the state after N optimizer steps, including the data loader's
+//! position and the loss EMA, so `--resume-from-step N` continues as if never interrupted.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Var};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use serde_json::json;
+
+use super::{append_jsonl, batch_tensors, forward_backward, sample_completions, validation_bpb, LossEma};
+use crate::checkpoint::{self, LoopState, Meta};
+use crate::common::write_atomic;
+use crate::data::dataset::{self, Split};
+use crate::data::loader::{Loader, LoaderConfig, Packing};
+use crate::model::{GPTConfig, GPT};
+use crate::optim::{clip_grad_norm, muon_momentum, setup_optimizers, LrSchedule, OptimConfig};
+
+#[derive(Subcommand)]
+pub enum BaseCommand {
+    /// Pretrain the GPT on the parquet shards; checkpoints go to $NANOCHAT_BASE_DIR/base_checkpoints/<tag>.
+    Train(Box<TrainArgs>),
+    /// Validation bits per byte and greedy samples of a saved base checkpoint.
+    Eval(EvalArgs),
+}
+
+/// Options of `nanochat base eval`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Checkpoint directory name under base_checkpoints (e.g. d20).
+    #[arg(long, default_value = "d20")]
+    pub model_tag: String,
+    /// Checkpoint step [default: the latest].
+    #[arg(long)]
+    pub step: Option<usize>,
+    /// Validation tokens to evaluate on.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub eval_tokens: usize,
+    /// Rows per forward pass (rows are the model's context length).
+    #[arg(long, default_value_t = 32)]
+    pub device_batch_size: usize,
+    /// Directory of parquet shards [default: $NANOCHAT_BASE_DIR/base_data].
+    #[arg(long, env = "NANOCHAT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Options of `nanochat base train` (defaults: the original's d20 run).
+#[derive(Parser, Debug, Clone, Serialize)]
+#[command(args_override_self = true)] // a later flag wins, so scripts can append overrides
+pub struct TrainArgs {
+    /// Number of layers; width is 64 per layer, heads of dimension 128.
+    #[arg(long, default_value_t = 20)]
+    pub depth: usize,
+    /// Override the width (default depth * 64).
+    #[arg(long)]
+    pub n_embd: Option<usize>,
+    /// Override the number of heads (default ceil(n_embd / 128)).
+    #[arg(long)]
+    pub n_head: Option<usize>,
+    /// Override the number of key/value heads (default n_head, i.e. no grouped-query attention).
+    #[arg(long)]
+    pub n_kv_head: Option<usize>,
+    /// Context length in tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    /// Rows per forward/backward pass; lower it if memory runs out.
+    #[arg(long, default_value_t = 32)]
+    pub device_batch_size: usize,
+    /// Tokens per optimizer step; a multiple of device-batch-size * max-seq-len.
+    #[arg(long, default_value_t = 524_288)]
+    pub total_batch_size: usize,
+    /// Train for exactly this many steps.
+    #[arg(long, conflicts_with = "target_flops")]
+    pub num_iterations: Option<usize>,
+    /// Train for this many FLOPs (used when --num-iterations is not given).
+    #[arg(long)]
+    pub target_flops: Option<f64>,
+    /// Otherwise: train on this many tokens per parameter (Chinchilla: 20).
+    #[arg(long, default_value_t = 20.0)]
+    pub target_param_data_ratio: f64,
+    /// AdamW learning rate of the token embedding (scaled by (n_embd/768)^-0.5).
+    #[arg(long, default_value_t = 0.2)]
+    pub embedding_lr: f64,
+    /// AdamW learning rate of the lm_head (scaled by (n_embd/768)^-0.5).
+    #[arg(long, default_value_t = 0.004)]
+    pub unembedding_lr: f64,
+    /// Muon learning rate of the block matrices.
+    #[arg(long, default_value_t = 0.02)]
+    pub matrix_lr: f64,
+    /// Clip the gradient's global norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Fraction of the steps spent warming the learning rate up.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_ratio: f64,
+    /// Fraction of the steps at the end spent decaying the learning rate.
+    #[arg(long, default_value_t = 0.2)]
+    pub warmdown_ratio: f64,
+    /// Learning rate at the end, as a fraction of the initial one.
+    #[arg(long, default_value_t = 0.0)]
+    pub final_lr_frac: f64,
+    /// Evaluate validation bits per byte every this many steps (0: never).
+    #[arg(long, default_value_t = 250)]
+    pub eval_every: usize,
+    /// Validation tokens per evaluation [default: 20 * total-batch-size].
+    #[arg(long)]
+    pub eval_tokens: Option<usize>,
+    /// Print greedy samples every this many steps (0: never).
+    #[arg(long, default_value_t = 2000)]
+    pub sample_every: usize,
+    /// Save a checkpoint every this many steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Continue the run from its checkpoint at this step.
+    #[arg(long)]
+    pub resume_from_step: Option<usize>,
+    /// Directory of parquet shards [default: $NANOCHAT_BASE_DIR/base_data].
+    #[arg(long, env = "NANOCHAT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Checkpoint directory name under base_checkpoints [default: d<depth>].
+    #[arg(long)]
+    pub model_tag: Option<String>,
+    /// Seed of the weight initialisation.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// How documents are packed into rows (v0: stream).
+    #[arg(long, value_enum, default_value_t = Packing::Stream)]
+    pub packing: Packing,
+}
+
+impl TrainArgs {
+    /// The model shape these options describe, for a vocabulary of `vocab_size` tokens.
+    pub fn model_config(&self, vocab_size: usize) -> Result<GPTConfig> {
+        let mut cfg = GPTConfig::from_depth(self.depth, vocab_size, self.max_seq_len);
+        if let Some(n_embd) = self.n_embd {
+            cfg.n_embd = n_embd;
+            cfg.n_head = n_embd.div_ceil(128).max(1);
+        }
+        cfg.n_head = self.n_head.unwrap_or(cfg.n_head);
+        cfg.n_kv_head = self.n_kv_head.unwrap_or(cfg.n_head);
+        cfg.validate().context("check --depth, --n-embd, --n-head and --n-kv-head")?;
+        Ok(cfg)
+    }
+
+    /// Micro-batches per optimizer step.
+    pub fn grad_accum_steps(&self) -> Result<usize> {
+        let per_pass = self.device_batch_size * self.max_seq_len;
+        if per_pass == 0 || self.total_batch_size == 0 || self.total_batch_size % per_pass != 0 {
+            bail!(
+                "--total-batch-size {} must be a positive multiple of --device-batch-size {} x --max-seq-len {} = \
+                 {per_pass} tokens",
+                self.total_batch_size,
+                self.device_batch_size,
+                self.max_seq_len
+            );
+        }
+        Ok(self.total_batch_size / per_pass)
+    }
+
+    /// Optimizer steps of the run, from whichever horizon option applies.
+    pub fn num_iterations(&self, cfg: &GPTConfig) -> Result<usize> {
+        let batch = self.total_batch_size as f64;
+        let steps = match (self.num_iterations, self.target_flops) {
+            (Some(n), _) => n,
+            (None, Some(flops)) => (flops / (cfg.estimate_flops() as f64 * batch)).round() as usize,
+            (None, None) => (self.target_param_data_ratio * cfg.num_params() as f64 / batch) as usize,
+        };
+        if steps == 0 {
+            bail!(
+                "the training horizon is 0 steps: raise --num-iterations, --target-flops or --target-param-data-ratio"
+            );
+        }
+        Ok(steps)
+    }
+
+    fn loader_config(&self, dir: &Path, split: Split) -> LoaderConfig {
+        let mut cfg = LoaderConfig::new(dir.to_path_buf(), split, self.device_batch_size, self.max_seq_len);
+        cfg.packing = self.packing;
+        cfg
+    }
+}
+
+/// What a run did, for the caller (and tests).
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    /// The step the run started at (the resumed step, or 0).
+    pub start_step: usize,
+    /// The loss of every step from `start_step` on (mean over the step's micro-batches).
+    pub losses: Vec<f64>,
+    pub num_iterations: usize,
+    /// The last validation bits per byte, if any evaluation ran.
+    pub val_bpb: Option<f64>,
+    /// Training throughput over the run, tokens per second.
+    pub tokens_per_sec: f64,
+}
+
+pub fn run(cmd: BaseCommand) -> Result<()> {
+    match cmd {
+        BaseCommand::Train(args) => {
+            let tokenizer = crate::tokenizer::load()?;
+            let dir = checkpoint::base_checkpoint_dir(args.model_tag.as_deref(), args.depth);
+            let report = train(&args, &tokenizer, &dir)?;
+            let bpb = report.val_bpb.map_or_else(|| "not evaluated".to_string(), |b| format!("{b:.4}"));
+            println!(
+                "done: {} steps, {:.0} tokens/s, validation bpb {bpb}; checkpoints in {}",
+                report.num_iterations,
+                report.tokens_per_sec,
+                dir.display()
+            );
+            Ok(())
+        }
+        BaseCommand::Eval(args) => {
+            let tokenizer = crate::tokenizer::load()?;
+            let dir = crate::common::base_dir().join("base_checkpoints").join(&args.model_tag);
+            let step = match args.step {
+                Some(step) => step,
+                None => checkpoint::latest_step(&dir)?.with_context(|| {
+                    format!("no checkpoint in {}: train one with `nanochat base train` first", dir.display())
+                })?,
+            };
+            let data_dir = args.data_dir.clone().unwrap_or_else(dataset::data_dir);
+            let (bpb, samples) =
+                evaluate_checkpoint(&dir, step, &tokenizer, &data_dir, args.device_batch_size, args.eval_tokens)?;
+            println!("{} step {step}: validation bpb {bpb:.4}", dir.display());
+            samples.iter().for_each(|s| println!("  {s}"));
+            Ok(())
+        }
+    }
+}
+
+/// Validation bits per byte and greedy samples of the checkpoint at `step` in `dir`, evaluated
+/// at the model's context length (only the model weights are loaded).
+pub fn evaluate_checkpoint(
+    dir: &Path,
+    step: usize,
+    tokenizer: &bpe::Tokenizer,
+    data_dir: &Path,
+    batch_size: usize,
+    eval_tokens: usize,
+) -> Result<(f64, Vec<String>)> {
+    let device = Device::cuda_if_available(0)?;
+    let ckpt = checkpoint::load(dir, step, &device, false, Some(&tokenizer.fingerprint()))?;
+    let (model, _) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
+    let seq_len = model.config().sequence_len;
+    let loader = LoaderConfig::new(data_dir.to_path_buf(), Split::Val, batch_size, seq_len);
+    let bpb = validation_bpb(&model, tokenizer, &loader, eval_tokens)?;
+    Ok((bpb, sample_completions(&model, tokenizer)?))
+}
+
+/// Runs (or resumes) pretraining as `args` say, with checkpoints and metrics in `out_dir`.
+pub fn train(args: &TrainArgs, tokenizer: &bpe::Tokenizer, out_dir: &Path) -> Result<TrainReport> {
+    let device = Device::cuda_if_available(0)?;
+    let model_config = args.model_config(tokenizer.vocab_size())?;
+    let accum_steps = args.grad_accum_steps()?;
+    let num_iterations = args.num_iterations(&model_config)?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(dataset::data_dir);
+    let fingerprint = tokenizer.fingerprint();
+    let optim_config = OptimConfig {
+        unembedding_lr: args.unembedding_lr,
+        embedding_lr: args.embedding_lr,
+        matrix_lr: args.matrix_lr,
+        weight_decay: 0.0,
+    };
+    let schedule = LrSchedule {
+        num_iterations,
+        warmup_ratio: args.warmup_ratio,
+        warmdown_ratio: args.warmdown_ratio,
+        final_lr_frac: args.final_lr_frac,
+    };
+    let run_config = json!({ "args": args, "num_iterations": num_iterations, "grad_accum_steps": accum_steps });
+
+    // The model, its optimizers and the loop state: fresh, or as the checkpoint left them.
+    let (model, varmap, mut optimizers, start_step, mut loop_state, mut loader_state) = match args.resume_from_step {
+        None => {
+            let (model, varmap) = GPT::init(&model_config, args.seed, &device)?;
+            let optimizers = setup_optimizers(&model_config, &varmap, &optim_config)?;
+            (model, varmap, optimizers, 0, LoopState::default(), None)
+        }
+        Some(step) => {
+            let ckpt = checkpoint::load(out_dir, step, &device, true, Some(&fingerprint))?;
+            if ckpt.meta.model_config != model_config {
+                bail!(
+                    "the checkpoint's model is {:?} but the options give {model_config:?}: resume with the options \
+                     of the original run",
+                    ckpt.meta.model_config
+                );
+            }
+            if ckpt.meta.run_config.get("num_iterations") != run_config.get("num_iterations") {
+                eprintln!("warning: the run had a different horizon; the learning-rate schedule changes from here");
+            }
+            let (model, varmap) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
+            let mut optimizers = setup_optimizers(&model_config, &varmap, &optim_config)?;
+            optimizers.load_state_dict(&ckpt.optim).context("restoring the optimizer state")?;
+            (model, varmap, optimizers, step, ckpt.meta.loop_state, ckpt.meta.loader_state)
+        }
+    };
+    if start_step > num_iterations {
+        bail!("cannot resume from step {start_step}: the run is only {num_iterations} steps long");
+    }
+    let vars: Vec<Var> = optimizers.vars().cloned().collect();
+    let metrics_path = out_dir.join("metrics.jsonl");
+    drop_metrics_from(&metrics_path, start_step)?;
+    let flops_per_token = model_config.estimate_flops() as f64;
+    let tokens_per_step = args.total_batch_size;
+
+    let pb = crate::common::progress_bar(num_iterations as u64, "base train");
+    pb.set_position(start_step as u64);
+    log(
+        &pb,
+        format!(
+            "model {model_config:?}: {} parameters, {:.3e} FLOPs/token; {num_iterations} steps of {tokens_per_step} \
+         tokens ({accum_steps} micro-batches of {}x{}), {:.2} tokens per parameter",
+            model_config.num_params(),
+            flops_per_token,
+            args.device_batch_size,
+            args.max_seq_len,
+            (num_iterations * tokens_per_step) as f64 / model_config.num_params() as f64,
+        ),
+    );
+
+    let mut loader = Loader::new(tokenizer, &args.loader_config(&data_dir, Split::Train), loader_state.as_ref())?;
+    let mut ema = LossEma { value: loop_state.smooth_train_loss };
+    let mut losses = Vec::new();
+    let mut step = start_step;
+    let mut run_time = 0.0;
+    loop {
+        let last_step = step == num_iterations;
+        if args.eval_every > 0 && (last_step || step % args.eval_every == 0) {
+            let eval_tokens = args.eval_tokens.unwrap_or(20 * tokens_per_step);
+            let bpb = validation_bpb(&model, tokenizer, &args.loader_config(&data_dir, Split::Val), eval_tokens)?;
+            loop_state.val_bpb = Some(bpb);
+            loop_state.min_val_bpb = Some(loop_state.min_val_bpb.map_or(bpb, |m| m.min(bpb)));
+            log(&pb, format!("step {step:05} | validation bpb {bpb:.4}"));
+            append_jsonl(&metrics_path, &json!({ "step": step, "val_bpb": bpb }))?;
+        }
+        if args.sample_every > 0 && (last_step || (step > 0 && step % args.sample_every == 0)) {
+            let samples = sample_completions(&model, tokenizer)?;
+            samples.iter().for_each(|s| log(&pb, format!("  {s}")));
+            append_jsonl(&metrics_path, &json!({ "step": step, "samples": samples }))?;
+        }
+        let periodic_save = args.save_every > 0 && step % args.save_every == 0 && step != start_step;
+        if last_step || periodic_save {
+            let mut meta = Meta::new(step, model_config.clone(), fingerprint.clone());
+            meta.loop_state = LoopState { smooth_train_loss: ema.value, ..loop_state.clone() };
+            meta.loader_state = loader_state.clone();
+            meta.run_config = run_config.clone();
+            let optim_state = optimizers.state_dict()?;
+            checkpoint::save(out_dir, &checkpoint::varmap_tensors(&varmap)?, Some(&optim_state), &meta)?;
+            log(&pb, format!("step {step:05} | saved checkpoint in {}", out_dir.display()));
+        }
+        if last_step {
+            break;
+        }
+
+        let t0 = Instant::now();
+        let micro_batches = (&mut loader).map(|b| {
+            let b = b?;
+            loader_state = Some(b.state.clone());
+            batch_tensors(&b, args.device_batch_size, args.max_seq_len, &device)
+        });
+        let (loss, mut grads) = forward_backward(&model, &vars, micro_batches, accum_steps)?;
+        if !loss.is_finite() {
+            bail!("the loss is {loss} at step {step}: training diverged; lower the learning rates");
+        }
+        let grad_norm =
+            if args.grad_clip > 0.0 { Some(clip_grad_norm(&vars, &mut grads, args.grad_clip)?) } else { None };
+        let lr_multiplier = schedule.multiplier(step);
+        let momentum = muon_momentum(step);
+        optimizers.set_lr_multiplier(lr_multiplier);
+        optimizers.set_muon_momentum(momentum);
+        optimizers.step(&grads)?;
+        let dt = t0.elapsed().as_secs_f64();
+
+        let smooth_loss = ema.update(loss, step);
+        losses.push(loss);
+        loop_state.total_training_time += dt;
+        run_time += dt;
+        let tokens_per_sec = tokens_per_step as f64 / dt;
+        pb.set_message(format!(
+            "loss {smooth_loss:.4} | lrm {lr_multiplier:.2} | {tokens_per_sec:.0} tok/s | {:.2} TFLOP/s",
+            flops_per_token * tokens_per_sec / 1e12
+        ));
+        pb.inc(1);
+        append_jsonl(
+            &metrics_path,
+            &json!({
+                "step": step, "loss": loss, "smooth_loss": smooth_loss, "lr_multiplier": lr_multiplier,
+                "muon_momentum": momentum, "grad_norm": grad_norm, "dt": dt, "tokens_per_sec": tokens_per_sec,
+                "flops_per_sec": flops_per_token * tokens_per_sec,
+                "total_training_time": loop_state.total_training_time,
+            }),
+        )?;
+        step += 1;
+    }
+    pb.finish();
+    let trained_steps = (num_iterations - start_step) as f64;
+    let tokens_per_sec = if run_time > 0.0 { trained_steps * tokens_per_step as f64 / run_time } else { 0.0 };
+    Ok(TrainReport { start_step, losses, num_iterations, val_bpb: loop_state.val_bpb, tokens_per_sec })
+}
+
+/// Drops the metrics records of steps from `step` on: on resume, those of the interrupted run
+/// after its checkpoint, so that the log reads as one uninterrupted run; on a fresh start (step
+/// 0), those of an earlier run in the same directory, whose checkpoints get overwritten too.
+fn drop_metrics_from(path: &Path, step: usize) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let record_step = |line: &str| {
+        let value: serde_json::Value = serde_json::from_str(line).ok()?;
+        value.get("step")?.as_u64()
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| record_step(line).is_none_or(|s| s < step as u64))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())
+}
+
+/// Prints a log line above the progress bar, or plainly when the bar is hidden (not a terminal),
+/// where indicatif's `println` would drop it.
+fn log(pb: &indicatif::ProgressBar, line: String) {
+    pb.suspend(|| eprintln!("{line}"));
+}

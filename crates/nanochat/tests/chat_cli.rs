@@ -1,0 +1,114 @@
+//! `nanochat chat` driven as a user would, through piped stdin and the one-shot `-p`, over a
+//! checkpoint made from the fixture model: the streamed reply must be the engine's greedy reply,
+//! with no special-token strings, and `clear` / `quit` must work.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use nanochat::checkpoint::{self, Meta};
+use nanochat::engine::{Engine, GenerateOptions, TextStream};
+use nanochat::model::{GPTConfig, GPT};
+
+fn shared() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
+}
+
+fn config() -> GPTConfig {
+    GPTConfig { sequence_len: 64, vocab_size: 1024, n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 64 }
+}
+
+fn tokenizer() -> Result<bpe::Tokenizer> {
+    let path = shared().join("tokenizer/mergeable_ranks.tiktoken");
+    let text = std::fs::read_to_string(&path)?;
+    Ok(bpe::Tokenizer::from_tokens(bpe::format::parse_ranks(&text, &path)?, bpe::DEFAULT_PATTERN)?)
+}
+
+/// A base dir holding the fixture tokenizer and the fixture weights as SFT checkpoint d2, step 5.
+fn base_dir() -> Result<tempfile::TempDir> {
+    let base = tempfile::tempdir()?;
+    let tok = tokenizer()?;
+    tok.save(&base.path().join("tokenizer"))?;
+    let params = candle_core::safetensors::load(shared().join("model/params.safetensors"), &Device::Cpu)?;
+    let meta = Meta::new(5, config(), tok.fingerprint());
+    checkpoint::save(&base.path().join("chatsft_checkpoints/d2"), &params, None, &meta)?;
+    Ok(base)
+}
+
+/// The greedy reply to `question` at the start of a conversation, as printed text.
+fn expected_reply(question: &str, max_tokens: usize) -> Result<String> {
+    let tok = tokenizer()?;
+    let params = candle_core::safetensors::load(shared().join("model/params.safetensors"), &Device::Cpu)?;
+    let engine = Engine::new(GPT::new(&config(), VarBuilder::from_tensors(params, DType::F32, &Device::Cpu))?, tok)?;
+    let tok = engine.tokenizer();
+    let special = |name: &str| tok.special_id(name).context(name.to_string());
+    let prompt = [
+        vec![tok.bos_id(), special("<|user_start|>")?],
+        tok.encode(question),
+        vec![special("<|user_end|>")?, special("<|assistant_start|>")?],
+    ]
+    .concat();
+    let opts = GenerateOptions { num_samples: 1, max_tokens, temperature: 0.0, top_k: None, seed: 0 };
+    let mut text = TextStream::new();
+    let mut reply = String::new();
+    for step in engine.generate(&prompt, &opts)? {
+        reply.push_str(&text.push(tok, step?.0[0]));
+    }
+    reply.push_str(&text.finish());
+    Ok(reply)
+}
+
+fn chat(base: &Path, args: &[&str], stdin: &str) -> Result<String> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nanochat"))
+        .arg("chat")
+        .args(args)
+        .env("NANOCHAT_BASE_DIR", base)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().context("stdin")?.write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(out.status.success(), "nanochat chat failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    Ok(stdout)
+}
+
+#[test]
+fn interactive_chat_streams_the_greedy_reply_and_handles_clear_and_quit() -> Result<()> {
+    let base = base_dir()?;
+    let reply = expected_reply("Hello there", 12)?;
+    assert!(!reply.trim().is_empty());
+    let out = chat(base.path(), &["-t", "0", "--max-tokens", "12"], "Hello there\nclear\nHello there\nquit\n")?;
+    println!("{out}");
+    assert_eq!(out.matches(&format!("Assistant: {reply}\n")).count(), 2, "after clear the same reply again");
+    assert!(out.contains("Conversation cleared."));
+    assert!(out.contains("Goodbye!"));
+    assert!(!out.contains("<|"), "special-token strings were printed");
+    Ok(())
+}
+
+#[test]
+fn one_shot_prompt_prints_one_reply_and_exits() -> Result<()> {
+    let base = base_dir()?;
+    let reply = expected_reply("What is 2+2?", 10)?;
+    let out = chat(base.path(), &["-p", "What is 2+2?", "-t", "0", "--max-tokens", "10", "-i", "sft", "-g", "d2"], "")?;
+    assert_eq!(out, format!("\nAssistant: {reply}\n"));
+    Ok(())
+}
+
+#[test]
+fn a_missing_checkpoint_is_a_clear_error() -> Result<()> {
+    let base = base_dir()?;
+    let out = Command::new(env!("CARGO_BIN_EXE_nanochat"))
+        .args(["chat", "-p", "hi", "-i", "rl"])
+        .env("NANOCHAT_BASE_DIR", base.path())
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chatrl_checkpoints") && err.contains("train that stage first"), "{err}");
+    Ok(())
+}
