@@ -27,6 +27,8 @@ enum Command {
     Base(nanochat::train::base::BaseCommand),
     /// Talk to a trained model in the terminal (or ask one question with -p).
     Chat(nanochat::chat_cli::ChatArgs),
+    /// Web chat: the UI, the streaming API and an OpenAI-compatible API.
+    Serve(nanochat::serve::ServeArgs),
 }
 
 fn main() -> Result<()> {
@@ -35,5 +37,6 @@ fn main() -> Result<()> {
         Command::Data(cmd) => nanochat::data::cli::run(cmd),
         Command::Base(cmd) => nanochat::train::base::run(cmd),
         Command::Chat(args) => nanochat::chat_cli::run(args),
+        Command::Serve(args) => nanochat::serve::run(args),
     }
 }

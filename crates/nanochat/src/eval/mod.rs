@@ -2,8 +2,10 @@
 //! scores it) and bits per byte over a token stream (`loss`).
 
 pub mod bundle;
+pub mod chat;
 pub mod core;
 pub mod loss;
+pub mod sandbox;
 
 pub use self::core::{evaluate_core, CoreResults, LanguageModel, TaskResult};
 pub use bundle::{Bundle, Item, TaskSpec, TaskType};

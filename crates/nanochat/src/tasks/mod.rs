@@ -15,6 +15,7 @@
 pub mod arc;
 pub mod chat;
 pub mod gsm8k;
+pub mod humaneval;
 pub mod identity;
 pub mod mixture;
 pub mod mmlu;

@@ -1,0 +1,390 @@
+//! `nanochat chat eval`: the chat model's scores on ARC-Easy, ARC-Challenge, MMLU, GSM8K,
+//! HumanEval and SpellingBee, and ChatCORE over them.
+//!
+//! Design choices, following the original's `chat_eval`:
+//! - categorical tasks (ARC, MMLU) are scored without sampling: the prompt is rendered for
+//!   completion, one batched forward pass gives the logits after `<|assistant_start|>`, and the
+//!   answer is the choice whose letter token has the largest logit — the argmax is restricted to
+//!   the letters offered, so a model that would rather say something else still picks one;
+//! - generative tasks (GSM8K, HumanEval, SpellingBee) sample `num_samples` completions through the
+//!   [`Engine`] (temperature 0 by default: greedy) and pass if any sample passes (pass@k);
+//! - centered accuracy `(acc − b) / (1 − b)` with `b` the chance of guessing: the mean over the
+//!   problems of 1 / (number of choices) for multiple choice (0.25 for MMLU's four), 0 for
+//!   generative tasks; ChatCORE is the mean centered accuracy over the tasks run (the original
+//!   reports it only when all six ran: [`ChatCoreReport::complete`] says whether they did).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, IndexOp, Tensor};
+use clap::Args;
+use serde::Serialize;
+
+use crate::chat_cli::{load_engine, Source};
+use crate::conversation::render_for_completion;
+use crate::engine::{Engine, GenerateOptions};
+use crate::eval::sandbox::Limits;
+use crate::tasks::arc::{ArcSubset, ArcTask};
+use crate::tasks::gsm8k::Gsm8k;
+use crate::tasks::humaneval::HumanEval;
+use crate::tasks::mmlu::Mmlu;
+use crate::tasks::spelling::{load_words, SpellingBee, Split};
+use crate::tasks::{Answer, DataRoot, EvalType, Task};
+
+/// The tasks `chat eval` knows, in the original's order.
+pub const TASK_NAMES: [&str; 6] = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"];
+
+/// Problems generated for SpellingBee, as in the original.
+const SPELLING_BEE_SIZE: usize = 256;
+
+/// How to run one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatEvalOptions {
+    /// Where the task data lives (laid out like the offline mirror).
+    pub data_dir: PathBuf,
+    /// Evaluate only the first N problems.
+    pub max_problems: Option<usize>,
+    /// Prompts per forward pass, categorical tasks.
+    pub batch_size: usize,
+    /// Samples per problem, generative tasks (pass@k with k = this).
+    pub num_samples: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub seed: u64,
+    /// Print a running score to stderr.
+    pub progress: bool,
+}
+
+impl Default for ChatEvalOptions {
+    fn default() -> Self {
+        ChatEvalOptions {
+            data_dir: DataRoot::default_dir(),
+            max_problems: None,
+            batch_size: 8,
+            num_samples: 1,
+            max_new_tokens: 512,
+            temperature: 0.0,
+            top_k: Some(50),
+            seed: 42,
+            progress: false,
+        }
+    }
+}
+
+/// One task's score.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatEvalResult {
+    pub task: String,
+    /// `categorical` or `generative`.
+    pub eval_type: String,
+    pub problems: usize,
+    pub passed: usize,
+    pub accuracy: f64,
+    /// The accuracy of guessing.
+    pub baseline: f64,
+    /// `(accuracy − baseline) / (1 − baseline)`.
+    pub centered: f64,
+    pub seconds: f64,
+}
+
+/// Every task run and ChatCORE over them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatCoreReport {
+    pub results: Vec<ChatEvalResult>,
+    pub chatcore: f64,
+    /// Whether all six tasks ran, the condition for the original's ChatCORE.
+    pub complete: bool,
+}
+
+impl ChatCoreReport {
+    pub fn new(results: Vec<ChatEvalResult>) -> ChatCoreReport {
+        let chatcore = if results.is_empty() {
+            0.0
+        } else {
+            results.iter().map(|r| r.centered).sum::<f64>() / results.len() as f64
+        };
+        let complete = TASK_NAMES.iter().all(|name| results.iter().any(|r| r.task == *name));
+        ChatCoreReport { results, chatcore, complete }
+    }
+}
+
+/// Counts while a task is scored.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Tally {
+    pub problems: usize,
+    pub passed: usize,
+    /// Sum over the problems of the chance of passing by guessing.
+    pub chance: f64,
+}
+
+impl Tally {
+    fn result(self, task: &str, eval_type: EvalType, seconds: f64) -> ChatEvalResult {
+        let n = self.problems.max(1) as f64;
+        let (accuracy, baseline) = (self.passed as f64 / n, self.chance / n);
+        ChatEvalResult {
+            task: task.to_string(),
+            eval_type: match eval_type {
+                EvalType::Categorical => "categorical",
+                EvalType::Generative => "generative",
+            }
+            .to_string(),
+            problems: self.problems,
+            passed: self.passed,
+            accuracy,
+            baseline,
+            centered: (accuracy - baseline) / (1.0 - baseline),
+            seconds,
+        }
+    }
+}
+
+/// Loads a task by its `chat eval` name, from the evaluation split the original uses.
+pub fn load_task(name: &str, root: &DataRoot) -> Result<Box<dyn Task>> {
+    Ok(match name {
+        "ARC-Easy" => Box::new(ArcTask::load(root, ArcSubset::Easy, "test")?),
+        "ARC-Challenge" => Box::new(ArcTask::load(root, ArcSubset::Challenge, "test")?),
+        "MMLU" => Box::new(Mmlu::load(root, "test")?),
+        "GSM8K" => Box::new(Gsm8k::load(root, "test")?),
+        "HumanEval" => Box::new(HumanEval::load(root, Limits::default())?),
+        "SpellingBee" => Box::new(SpellingBee::new(load_words(root)?, SPELLING_BEE_SIZE, Split::Test)),
+        other => bail!("unknown chat eval task {other:?}: use one of {}", TASK_NAMES.join(", ")),
+    })
+}
+
+/// Scores `engine` on the task named `task_name`.
+pub fn run_chat_eval(engine: &Engine, task_name: &str, opts: &ChatEvalOptions) -> Result<ChatEvalResult> {
+    let task = load_task(task_name, &DataRoot::new(&opts.data_dir))?;
+    let problems = opts.max_problems.map_or(task.len(), |m| m.min(task.len()));
+    let start = Instant::now();
+    let eval_type = task.eval_type().with_context(|| format!("{task_name} is training data, not an eval"))?;
+    let tally = match eval_type {
+        EvalType::Categorical => {
+            let pad = engine.tokenizer().bos_id();
+            evaluate_categorical(task.as_ref(), engine.tokenizer(), problems, opts, |prompts| {
+                last_logits(engine, prompts, pad)
+            })?
+        }
+        EvalType::Generative => evaluate_generative(task.as_ref(), engine, problems, opts)?,
+    };
+    Ok(tally.result(task_name, eval_type, start.elapsed().as_secs_f64()))
+}
+
+/// Scores the first `problems` problems of a multiple-choice task. `logits` maps a batch of
+/// prompts to the logits after each prompt's last token (one row of vocabulary size per prompt);
+/// it is the model in [`run_chat_eval`] and a stand-in in tests.
+pub fn evaluate_categorical(
+    task: &dyn Task,
+    tokenizer: &bpe::Tokenizer,
+    problems: usize,
+    opts: &ChatEvalOptions,
+    mut logits: impl FnMut(&[Vec<u32>]) -> Result<Vec<Vec<f32>>>,
+) -> Result<Tally> {
+    ensure!(opts.batch_size > 0, "the batch size must be at least 1");
+    let mut tally = Tally::default();
+    let indices: Vec<usize> = (0..problems).collect();
+    for batch in indices.chunks(opts.batch_size) {
+        let examples = batch.iter().map(|&i| task.get(i)).collect::<Result<Vec<_>>>()?;
+        let prompts = examples
+            .iter()
+            .map(|e| render_for_completion(tokenizer, &e.conversation))
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("rendering a {} prompt", task.name()))?;
+        let rows = logits(&prompts)?;
+        ensure!(rows.len() == prompts.len(), "{} rows of logits for {} prompts", rows.len(), prompts.len());
+        for (example, row) in examples.iter().zip(&rows) {
+            let Answer::Choice { letters, .. } = &example.answer else {
+                bail!("{}: a categorical task must give multiple-choice answers", task.name());
+            };
+            let letter_ids = letters.iter().map(|l| letter_id(tokenizer, l)).collect::<Result<Vec<_>>>()?;
+            let logit = |id: u32| row.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY);
+            // the first letter wins ties, like an argmax
+            let best =
+                (0..letters.len())
+                    .fold(0, |best, j| if logit(letter_ids[j]) > logit(letter_ids[best]) { j } else { best });
+            tally.problems += 1;
+            tally.passed += usize::from(task.evaluate(example, &letters[best]));
+            tally.chance += 1.0 / letters.len() as f64;
+        }
+        if opts.progress {
+            eprint!("\r{}: {}/{} ({:.2}%)", task.name(), tally.passed, tally.problems, percent(&tally));
+        }
+    }
+    if opts.progress {
+        eprintln!();
+    }
+    Ok(tally)
+}
+
+/// The single token a choice letter encodes to.
+fn letter_id(tokenizer: &bpe::Tokenizer, letter: &str) -> Result<u32> {
+    match tokenizer.encode(letter)[..] {
+        [id] => Ok(id),
+        _ => {
+            bail!("the choice letter {letter:?} is not a single token: categorical scoring needs one token per letter")
+        }
+    }
+}
+
+/// One batched forward pass: the logits after each prompt's last token. Prompts are padded on the
+/// right (with `pad`), which a causal model never looks at from the positions read.
+fn last_logits(engine: &Engine, prompts: &[Vec<u32>], pad: u32) -> Result<Vec<Vec<f32>>> {
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let limit = engine.max_positions()?;
+    ensure!(width <= limit, "a prompt of {width} tokens exceeds the model's {limit} positions: use a larger model");
+    let mut ids = Vec::with_capacity(prompts.len() * width);
+    for prompt in prompts {
+        ids.extend_from_slice(prompt);
+        ids.extend(std::iter::repeat_n(pad, width - prompt.len()));
+    }
+    let device = engine.model().rotary().0.device().clone();
+    let idx = Tensor::from_vec(ids, (prompts.len(), width), &device)?;
+    let logits = engine.model().forward(&idx, None)?; // (B, T, V)
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(b, prompt)| Ok(logits.i((b, prompt.len() - 1))?.to_dtype(DType::F32)?.to_vec1()?))
+        .collect()
+}
+
+/// Scores the first `problems` problems of a generative task: `num_samples` completions each,
+/// a pass when any of them passes.
+pub fn evaluate_generative(task: &dyn Task, engine: &Engine, problems: usize, opts: &ChatEvalOptions) -> Result<Tally> {
+    let tokenizer = engine.tokenizer();
+    let limit = engine.max_positions()?;
+    let mut tally = Tally::default();
+    for index in 0..problems {
+        let example = task.get(index)?;
+        let prompt = render_for_completion(tokenizer, &example.conversation)
+            .with_context(|| format!("rendering {} problem {index}", task.name()))?;
+        ensure!(
+            prompt.len() < limit,
+            "{} problem {index}: its prompt of {} tokens leaves no room in the model's {limit} positions",
+            task.name(),
+            prompt.len()
+        );
+        let gen = GenerateOptions {
+            num_samples: opts.num_samples,
+            // a long prompt gets fewer new tokens rather than an error
+            max_tokens: opts.max_new_tokens.min(limit - prompt.len()),
+            temperature: opts.temperature,
+            top_k: opts.top_k,
+            seed: opts.seed,
+        };
+        let (rows, _) = engine.generate_batch(&prompt, &gen)?;
+        let passed = rows.iter().any(|row| task.evaluate(&example, &tokenizer.decode(&row[prompt.len()..])));
+        tally.problems += 1;
+        tally.passed += usize::from(passed);
+        if opts.progress {
+            eprint!("\r{}: {}/{} ({:.2}%)", task.name(), tally.passed, tally.problems, percent(&tally));
+        }
+    }
+    if opts.progress {
+        eprintln!();
+    }
+    Ok(tally)
+}
+
+fn percent(tally: &Tally) -> f64 {
+    100.0 * tally.passed as f64 / tally.problems.max(1) as f64
+}
+
+#[derive(Args, Debug)]
+pub struct ChatEvalArgs {
+    /// Tasks to run, separated by `|` or `,` (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval,
+    /// SpellingBee); default: all six, and ChatCORE over them.
+    #[arg(short = 'a', long)]
+    pub task_name: Option<String>,
+    /// Which stage's model to evaluate.
+    #[arg(short = 'i', long, value_enum, default_value_t = Source::Sft)]
+    pub source: Source,
+    /// Model tag (checkpoint directory name, e.g. d20); default: the deepest `d<N>` there.
+    #[arg(short = 'g', long)]
+    pub model_tag: Option<String>,
+    /// Checkpoint step; default: the latest.
+    #[arg(short = 's', long)]
+    pub step: Option<usize>,
+    /// Sampling temperature of generative tasks; 0 = greedy.
+    #[arg(short = 't', long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Longest completion, in tokens.
+    #[arg(short = 'm', long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// Samples per generative problem; it passes if any sample does.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    pub num_samples: usize,
+    /// Sample among the k most likely tokens only; 0 = all.
+    #[arg(short = 'k', long, default_value_t = 50)]
+    pub top_k: usize,
+    /// Prompts per forward pass for the multiple-choice tasks.
+    #[arg(short = 'b', long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Evaluate only the first N problems of each task.
+    #[arg(short = 'x', long)]
+    pub max_problems: Option<usize>,
+    /// Task data laid out like the offline mirror; default: $NANOCHAT_BASE_DIR/task_data.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Seed of the sampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+impl ChatEvalArgs {
+    /// The task names asked for, checked.
+    pub fn tasks(&self) -> Result<Vec<String>> {
+        let Some(list) = &self.task_name else {
+            return Ok(TASK_NAMES.iter().map(|s| s.to_string()).collect());
+        };
+        let names: Vec<String> =
+            list.split(['|', ',']).map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+        for name in &names {
+            ensure!(TASK_NAMES.contains(&name.as_str()), "unknown task {name:?}: use one of {}", TASK_NAMES.join(", "));
+        }
+        ensure!(!names.is_empty(), "no task named in {list:?}: use one of {}", TASK_NAMES.join(", "));
+        Ok(names)
+    }
+
+    pub fn options(&self) -> ChatEvalOptions {
+        ChatEvalOptions {
+            data_dir: self.data_dir.clone().unwrap_or_else(DataRoot::default_dir),
+            max_problems: self.max_problems,
+            batch_size: self.batch_size,
+            num_samples: self.num_samples,
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: Some(self.top_k),
+            seed: self.seed,
+            progress: true,
+        }
+    }
+}
+
+/// `nanochat chat eval`: loads the model, runs the tasks, prints one line per task and ChatCORE,
+/// and writes the JSON report when `--output` is given.
+pub fn run(args: ChatEvalArgs) -> Result<()> {
+    let tasks = args.tasks()?;
+    let opts = args.options();
+    let engine = load_engine(args.source, args.model_tag.as_deref(), args.step)?;
+    let mut results = Vec::new();
+    for task in &tasks {
+        let result = run_chat_eval(&engine, task, &opts)?;
+        println!(
+            "{}: accuracy {:.4} ({}/{}), centered {:.4}, {:.1}s",
+            result.task, result.accuracy, result.passed, result.problems, result.centered, result.seconds
+        );
+        results.push(result);
+    }
+    let report = ChatCoreReport::new(results);
+    let note = if report.complete { "" } else { " (over the tasks run, not all six)" };
+    println!("ChatCORE: {:.4}{note}", report.chatcore);
+    if let Some(path) = &args.output {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json).with_context(|| format!("writing the results to {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,327 @@
+//! `nanochat serve`: the web chat. One axum server in front of N model workers ([`workers`]):
+//!
+//! - `GET /` the chat UI (`ui.html`, embedded in the binary);
+//! - `POST /chat/completions`, `GET /health`, `GET /stats`: the original's API ([`api`]);
+//! - `POST /v1/chat/completions`, `GET /v1/models`: an OpenAI-compatible API ([`openai`]).
+//!
+//! Safety under load: a bounded queue in front of the workers (503 when full), a time limit per
+//! request, request bodies capped at 1 MB, every malformed request answered with a 4xx and a
+//! message, generation cancelled when the client disconnects, and a graceful shutdown on
+//! SIGINT/SIGTERM that lets running replies finish.
+
+mod api;
+mod openai;
+pub mod workers;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::body::{Body, Bytes};
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use clap::Args;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::oneshot;
+
+use crate::chat_cli::{load_engine, Source};
+use crate::engine::Engine;
+use workers::{Event, Pool};
+
+/// Request bodies above this are refused (413): the largest valid request (32,000 characters of
+/// messages) is far below it.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on; use 0.0.0.0 to accept connections from other machines.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (printed at start).
+    #[arg(short = 'p', long, default_value_t = 8000)]
+    pub port: u16,
+    /// Which stage's model to serve.
+    #[arg(short = 'i', long, value_enum, default_value_t = Source::Sft)]
+    pub source: Source,
+    /// Model tag (checkpoint directory name, e.g. d20); default: the deepest `d<N>` there.
+    #[arg(short = 'g', long)]
+    pub model_tag: Option<String>,
+    /// Checkpoint step; default: the latest.
+    #[arg(short = 's', long)]
+    pub step: Option<usize>,
+    /// Model workers, each with its own copy of the model, generating in parallel.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Requests that may wait for a free worker; more get HTTP 503.
+    #[arg(long, default_value_t = 32)]
+    pub queue: usize,
+    /// Longest time one request may take, waiting included, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub time_limit: u64,
+    /// Default temperature when a request gives none.
+    #[arg(short = 't', long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Default top-k when a request gives none.
+    #[arg(short = 'k', long, default_value_t = 50)]
+    pub top_k: usize,
+    /// Default longest reply, in tokens, when a request gives none.
+    #[arg(short = 'm', long, default_value_t = 512)]
+    pub max_tokens: usize,
+}
+
+/// How the server answers, apart from its workers.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The model's name in the OpenAI API.
+    pub model_id: String,
+    pub queue: usize,
+    pub time_limit: Duration,
+    pub temperature: f64,
+    pub top_k: usize,
+    pub max_tokens: usize,
+}
+
+/// What every handler sees.
+pub(crate) struct AppState {
+    pool: Pool,
+    config: ServerConfig,
+    /// A copy of the workers' tokenizer, to render prompts on the async side.
+    tokenizer: bpe::Tokenizer,
+    /// Longest prompt + reply the model covers.
+    max_positions: usize,
+}
+
+/// A running server: its address, and the handle that stops it.
+pub struct Server {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl Server {
+    /// Binds `host:port` and serves on a runtime of its own thread until [`Server::shutdown`],
+    /// SIGINT or SIGTERM.
+    pub fn start(host: &str, port: u16, engines: Vec<Engine>, config: ServerConfig) -> Result<Server> {
+        let first = engines.first().context("the server needs at least one worker: pass --workers 1 or more")?;
+        let tokenizer = first.tokenizer().clone();
+        let max_positions = first.max_positions()?;
+        let listener = std::net::TcpListener::bind((host, port))
+            .with_context(|| format!("listening on {host}:{port}: pick another --port or stop what uses it"))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let pool = Pool::start(engines, config.queue, config.time_limit)?;
+        let state = Arc::new(AppState { pool, config, tokenizer, max_positions });
+        let (stop, stopped) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("nanochat-http".into())
+            .spawn(move || serve(listener, state, stopped))
+            .context("starting the HTTP thread")?;
+        Ok(Server { addr, stop: Some(stop), thread: Some(thread) })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting connections, lets running replies finish, stops the workers.
+    pub fn shutdown(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            // the server may have stopped on a signal already
+            let _ = stop.send(());
+        }
+        self.wait()
+    }
+
+    /// Blocks until the server stops (on SIGINT/SIGTERM when nobody calls [`Server::shutdown`]).
+    pub fn wait(mut self) -> Result<()> {
+        match self.thread.take() {
+            Some(thread) => thread.join().map_err(|_| anyhow::anyhow!("the HTTP thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+fn serve(listener: std::net::TcpListener, state: Arc<AppState>, stopped: oneshot::Receiver<()>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("nanochat-http")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        axum::serve(listener, router(Arc::clone(&state))).with_graceful_shutdown(shutdown_signal(stopped)).await
+    })?;
+    // every connection has closed, so this is the last reference to the state and its pool
+    if let Some(state) = Arc::into_inner(state) {
+        state.pool.shutdown();
+    }
+    Ok(())
+}
+
+/// Resolves on the first of: `Server::shutdown`, SIGINT (Ctrl-C), SIGTERM.
+async fn shutdown_signal(stopped: oneshot::Receiver<()>) {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            // no signal handling here: wait for the other triggers only
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = stopped => {}
+        _ = ctrl_c => eprintln!("interrupted: finishing the replies in progress, then stopping"),
+        _ = term => eprintln!("terminated: finishing the replies in progress, then stopping"),
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(api::ui))
+        .route("/health", get(api::health))
+        .route("/stats", get(api::stats))
+        .route("/chat/completions", post(api::chat_completions))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// `nanochat serve`: loads one engine per worker and serves until interrupted.
+pub fn run(args: ServeArgs) -> Result<()> {
+    anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
+    anyhow::ensure!(args.time_limit > 0, "--time-limit must be at least 1 second");
+    // the defaults obey the limits a request's own values must meet
+    anyhow::ensure!((0.0..=api::MAX_TEMPERATURE).contains(&args.temperature), "--temperature must be between 0 and 2");
+    anyhow::ensure!(args.top_k as i64 <= api::MAX_TOP_K, "--top-k must be at most {}", api::MAX_TOP_K);
+    anyhow::ensure!(
+        (1..=api::MAX_MAX_TOKENS).contains(&(args.max_tokens as i64)),
+        "--max-tokens must be between 1 and {}",
+        api::MAX_MAX_TOKENS
+    );
+    let mut engines = Vec::with_capacity(args.workers);
+    for _ in 0..args.workers {
+        engines.push(load_engine(args.source, args.model_tag.as_deref(), args.step)?);
+    }
+    let source = format!("{:?}", args.source).to_lowercase();
+    let config = ServerConfig {
+        model_id: format!("nanochat-{source}-{}", args.model_tag.as_deref().unwrap_or("default")),
+        queue: args.queue,
+        time_limit: Duration::from_secs(args.time_limit),
+        temperature: args.temperature,
+        top_k: args.top_k,
+        max_tokens: args.max_tokens,
+    };
+    let server = Server::start(&args.host, args.port, engines, config)?;
+    println!("nanochat serving on http://{} ({} workers); Ctrl-C to stop", server.addr(), args.workers);
+    server.wait()
+}
+
+/// Who wrote a message of a request, after validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Speaker {
+    System,
+    User,
+    Assistant,
+}
+
+/// Renders messages as the original's server does: `<|bos|>`, each user message in
+/// `<|user_start|>…<|user_end|>` and each assistant message in `<|assistant_start|>…<|assistant_end|>`
+/// (no alternation required), then `<|assistant_start|>` for the reply. A system message (first
+/// only) joins the next user message after a blank line, as in training conversations; with no
+/// user message right after it, it becomes a user message of its own rather than vanish.
+pub(crate) fn render_prompt(tok: &bpe::Tokenizer, messages: &[(Speaker, String)]) -> Result<Vec<u32>> {
+    let id = |name: &str| tok.special_id(name).with_context(|| format!("the tokenizer has no {name}"));
+    let (user_start, user_end) = (id("<|user_start|>")?, id("<|user_end|>")?);
+    let (assistant_start, assistant_end) = (id("<|assistant_start|>")?, id("<|assistant_end|>")?);
+    let mut ids = vec![tok.bos_id()];
+    let user = |ids: &mut Vec<u32>, text: &str| {
+        ids.push(user_start);
+        ids.extend(tok.encode(text));
+        ids.push(user_end);
+    };
+    let mut system: Option<&str> = None;
+    for (speaker, text) in messages {
+        match speaker {
+            Speaker::System => system = Some(text),
+            Speaker::User => match system.take() {
+                Some(system) => user(&mut ids, &format!("{system}\n\n{text}")),
+                None => user(&mut ids, text),
+            },
+            Speaker::Assistant => {
+                if let Some(system) = system.take() {
+                    user(&mut ids, system);
+                }
+                ids.push(assistant_start);
+                ids.extend(tok.encode(text));
+                ids.push(assistant_end);
+            }
+        }
+    }
+    if let Some(system) = system {
+        user(&mut ids, system);
+    }
+    ids.push(assistant_start);
+    Ok(ids)
+}
+
+/// A streamed response body: each worker event formatted by `format`, which also says whether it
+/// was the last. Dropping it (the client disconnected) drops the receiver, which stops the worker.
+pub(crate) struct EventBody<F> {
+    events: UnboundedReceiver<Event>,
+    format: F,
+    ended: bool,
+}
+
+impl<F: FnMut(Event) -> (String, bool) + Send + Unpin + 'static> EventBody<F> {
+    pub(crate) fn response(events: UnboundedReceiver<Event>, format: F) -> Response {
+        let body = Body::from_stream(EventBody { events, format, ended: false });
+        let mut response = Response::new(body);
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/event-stream"));
+        headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+        response
+    }
+}
+
+impl<F: FnMut(Event) -> (String, bool) + Unpin> futures_core::Stream for EventBody<F> {
+    type Item = std::result::Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match this.events.poll_recv(cx) {
+            Poll::Ready(Some(event)) => {
+                let (text, last) = (this.format)(event);
+                this.ended = last;
+                Poll::Ready(Some(Ok(Bytes::from(text))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A JSON response with a status.
+pub(crate) fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
+    let mut response = Response::new(Body::from(value.to_string()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response
+}
