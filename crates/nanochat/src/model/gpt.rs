@@ -16,8 +16,9 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
+use super::fused;
 use super::kv_cache::KvCache;
-use super::ops::{cross_entropy_mean, cross_entropy_per_token, rms_norm, softcap, softmax_last_dim};
+use super::ops::{cross_entropy_per_token, rms_norm, softcap, softmax_last_dim};
 
 /// Base of the rotary frequencies.
 const ROPE_BASE: f32 = 10_000.0;
@@ -377,13 +378,21 @@ impl GPT {
 
     /// Cross-entropy of the next-token predictions for `idx` against `targets` (B, T).
     pub fn loss(&self, idx: &Tensor, targets: &Tensor, reduction: Reduction) -> Result<Tensor> {
-        let logits = self.logits(&self.trunk(idx, None, None)?)?;
-        let v = logits.dim(D::Minus1)?;
-        let logits = logits.reshape(((), v))?; // (B*T, V)
+        let x = self.trunk(idx, None, None)?;
         let targets = targets.flatten_all()?; // (B*T,)
+        let losses = if x.device().is_cpu() {
+            // The fused kernel softcaps and scores in one pass per row (see `fused.rs`).
+            let raw = self.lm_head.forward(&x)?;
+            let v = raw.dim(D::Minus1)?;
+            fused::softcap_cross_entropy(&raw.reshape(((), v))?, &targets, SOFTCAP as f32)?
+        } else {
+            let logits = self.logits(&x)?;
+            let v = logits.dim(D::Minus1)?;
+            cross_entropy_per_token(&logits.reshape(((), v))?, &targets)?.0
+        };
         match reduction {
-            Reduction::Mean => cross_entropy_mean(&logits, &targets),
-            Reduction::PerToken => Ok(cross_entropy_per_token(&logits, &targets)?.0),
+            Reduction::Mean => losses.sum_all()?.div(&targets.ge(0i64)?.to_dtype(losses.dtype())?.sum_all()?),
+            Reduction::PerToken => Ok(losses),
         }
     }
 

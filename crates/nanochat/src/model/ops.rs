@@ -50,9 +50,3 @@ pub fn cross_entropy_per_token(logits: &Tensor, targets: &Tensor) -> Result<(Ten
     let losses = picked.neg()?.mul(&valid)?;
     Ok((losses, valid.sum_all()?))
 }
-
-/// Mean cross-entropy over the non-ignored targets (`F.cross_entropy(..., ignore_index=-1)`).
-pub fn cross_entropy_mean(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let (losses, count) = cross_entropy_per_token(logits, targets)?;
-    losses.sum_all()?.div(&count)
-}
