@@ -4,6 +4,8 @@
 //! Like the original's `chat_cli`, the conversation is kept as tokens: `<|bos|>`, then per turn
 //! `<|user_start|>` text `<|user_end|>` `<|assistant_start|>` reply `<|assistant_end|>`, the reply
 //! including any calculator call and its forced answer exactly as generated.
+//!
+//! `nanochat chat eval ...` runs the chat evaluations instead (see [`crate::eval::chat`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use rustyline::error::ReadlineError;
 
 use crate::engine::{Engine, GenerateOptions, TextStream};
@@ -40,7 +42,11 @@ impl Source {
 }
 
 #[derive(Args, Debug)]
+// `chat eval` takes its own options; mixing them with the chat's (`chat -p x eval`) is an error
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ChatArgs {
+    #[command(subcommand)]
+    pub command: Option<ChatCommand>,
     /// Ask this one question, print the reply and exit.
     #[arg(short = 'p', long)]
     pub prompt: Option<String>,
@@ -67,6 +73,13 @@ pub struct ChatArgs {
     pub seed: u64,
 }
 
+/// What `nanochat chat` can do besides chatting.
+#[derive(Subcommand, Debug)]
+pub enum ChatCommand {
+    /// Evaluate a chat model: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee and ChatCORE.
+    Eval(crate::eval::chat::ChatEvalArgs),
+}
+
 /// Loads the project tokenizer and the model of `source` / `model_tag` / `step` into an engine, on
 /// the GPU when there is one.
 pub fn load_engine(source: Source, model_tag: Option<&str>, step: Option<usize>) -> Result<Engine> {
@@ -91,7 +104,7 @@ pub fn load_engine(source: Source, model_tag: Option<&str>, step: Option<usize>)
 
 /// The original's choice of model when none is named: the `d<N>` directory with the largest N,
 /// else the most recently modified directory.
-fn default_model_tag(root: &Path) -> Result<String> {
+pub fn default_model_tag(root: &Path) -> Result<String> {
     let entries = std::fs::read_dir(root)
         .with_context(|| format!("no checkpoints in {}: train that stage first or pick --source", root.display()))?;
     let mut tags = Vec::new();
@@ -112,7 +125,10 @@ fn default_model_tag(root: &Path) -> Result<String> {
     }
 }
 
-pub fn run(args: ChatArgs) -> Result<()> {
+pub fn run(mut args: ChatArgs) -> Result<()> {
+    if let Some(ChatCommand::Eval(eval_args)) = args.command.take() {
+        return crate::eval::chat::run(eval_args);
+    }
     let engine = load_engine(args.source, args.model_tag.as_deref(), args.step)?;
     let mut chat = Chat::new(&engine, &args)?;
     if let Some(prompt) = &args.prompt {

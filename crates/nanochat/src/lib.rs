@@ -14,6 +14,7 @@ pub mod engine;
 pub mod eval;
 pub mod model;
 pub mod optim;
+pub mod report;
 pub mod serve;
 pub mod tasks;
 pub mod tok;

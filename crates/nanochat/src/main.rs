@@ -25,10 +25,18 @@ enum Command {
     /// Base model: pretrain it (resumable, with checkpoints), evaluate a checkpoint.
     #[command(subcommand)]
     Base(nanochat::train::base::BaseCommand),
+    /// Midtraining: the base model learns the chat format on a conversation mixture (resumable).
+    #[command(subcommand)]
+    Mid(nanochat::train::mid::MidCommand),
+    /// Supervised finetuning on whole conversations, loss on the assistant's tokens only.
+    #[command(subcommand)]
+    Sft(nanochat::train::sft::SftCommand),
     /// Talk to a trained model in the terminal (or ask one question with -p).
     Chat(nanochat::chat_cli::ChatArgs),
     /// Web chat: the UI, the streaming API and an OpenAI-compatible API.
     Serve(nanochat::serve::ServeArgs),
+    /// Assemble the report card from the sections the stages wrote into $NANOCHAT_BASE_DIR/report.
+    Report,
 }
 
 fn main() -> Result<()> {
@@ -36,7 +44,10 @@ fn main() -> Result<()> {
         Command::Tok(cmd) => nanochat::tok::run(cmd),
         Command::Data(cmd) => nanochat::data::cli::run(cmd),
         Command::Base(cmd) => nanochat::train::base::run(cmd),
+        Command::Mid(cmd) => nanochat::train::mid::run(cmd),
+        Command::Sft(cmd) => nanochat::train::sft::run(cmd),
         Command::Chat(args) => nanochat::chat_cli::run(args),
         Command::Serve(args) => nanochat::serve::run(args),
+        Command::Report => nanochat::report::run(),
     }
 }

@@ -220,6 +220,20 @@ fn train(args: TrainArgs) -> Result<()> {
         sample_bytes as f64 / n_tokens.max(1) as f64
     );
     eprintln!("saved to {}", out.display());
+    let bytes_per_token = sample_bytes as f64 / n_tokens.max(1) as f64;
+    let markdown = format!(
+        "- vocabulary: {} tokens\n- trained on: {} documents, {} characters\n- validation compression: \
+         {bytes_per_token:.3} bytes/token\n",
+        tok.vocab_size(),
+        docs.get(),
+        chars.get()
+    );
+    let metrics = serde_json::json!({
+        "seconds": start.elapsed().as_secs_f64(), "train_seconds": train_time.as_secs_f64(),
+        "vocab_size": tok.vocab_size(), "documents": docs.get(), "chars": chars.get(),
+        "bytes_per_token": bytes_per_token,
+    });
+    crate::report::write_section("tokenizer", &markdown, metrics)?;
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! `nanochat chat` driven as a user would, through piped stdin and the one-shot `-p`, over a
 //! checkpoint made from the fixture model: the streamed reply must be the engine's greedy reply,
-//! with no special-token strings, and `clear` / `quit` must work.
+//! with no special-token strings, and `clear` / `quit` must work; `chat eval` is reachable as a subcommand.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -110,5 +110,23 @@ fn a_missing_checkpoint_is_a_clear_error() -> Result<()> {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("chatrl_checkpoints") && err.contains("train that stage first"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn chat_eval_is_a_subcommand_with_its_own_options() -> Result<()> {
+    let help = Command::new(env!("CARGO_BIN_EXE_nanochat")).args(["chat", "eval", "--help"]).output()?;
+    assert!(help.status.success(), "{}", String::from_utf8_lossy(&help.stderr));
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("--task-name") && text.contains("--max-problems"), "{text}");
+    // the task list is checked before any model is loaded, so a typo fails fast and says what to use
+    let base = base_dir()?;
+    let bad = Command::new(env!("CARGO_BIN_EXE_nanochat"))
+        .args(["chat", "eval", "-a", "ARC-Hard"])
+        .env("NANOCHAT_BASE_DIR", base.path())
+        .output()?;
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("unknown task") && err.contains("ARC-Easy"), "{err}");
     Ok(())
 }

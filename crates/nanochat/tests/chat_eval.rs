@@ -1,6 +1,7 @@
 //! Chat evals: the categorical scorer against oracle logits (always right, always 'A', a decoy
 //! outside the letters), ChatCORE arithmetic, the command-line task list, and quick runs of the
-//! fixture model on ARC-Easy and GSM8K that must be in range and repeatable at temperature 0.
+//! fixture model on ARC-Easy and GSM8K that must be in range and repeatable at temperature 0, and
+//! the command's report section.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -230,5 +231,11 @@ fn the_command_loads_a_checkpoint_and_writes_the_json_report() -> Result<()> {
     assert_eq!(tasks, ["ARC-Easy", "GSM8K"]);
     assert_eq!(report["complete"], false);
     assert!(report["chatcore"].as_f64().unwrap() <= 1.0);
+    // the report section: accuracy per task; no ChatCORE, since not all six tasks ran
+    let section: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.path().join("report/chat_eval_sft.json"))?)?;
+    let metrics = &section["metrics"];
+    assert_eq!(metrics["tasks"]["ARC-Easy"], report["results"][0]["accuracy"]);
+    assert!(metrics["tasks"]["GSM8K"].is_number() && metrics["chatcore"].is_null(), "{section}");
     Ok(())
 }

@@ -367,6 +367,7 @@ impl ChatEvalArgs {
 /// `nanochat chat eval`: loads the model, runs the tasks, prints one line per task and ChatCORE,
 /// and writes the JSON report when `--output` is given.
 pub fn run(args: ChatEvalArgs) -> Result<()> {
+    let started = Instant::now();
     let tasks = args.tasks()?;
     let opts = args.options();
     let engine = load_engine(args.source, args.model_tag.as_deref(), args.step)?;
@@ -386,5 +387,26 @@ pub fn run(args: ChatEvalArgs) -> Result<()> {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json).with_context(|| format!("writing the results to {}", path.display()))?;
     }
+    write_report_section(&args, &report, started.elapsed().as_secs_f64())
+}
+
+/// The report section `chat_eval_<source>`: accuracy per task, and ChatCORE when all six ran
+/// (over fewer tasks it is not comparable, so the summary table shows "-").
+fn write_report_section(args: &ChatEvalArgs, report: &ChatCoreReport, seconds: f64) -> Result<()> {
+    let source = format!("{:?}", args.source).to_lowercase();
+    let mut markdown = format!("- model: {source} {}\n", args.model_tag.as_deref().unwrap_or("(default tag)"));
+    let mut tasks = serde_json::Map::new();
+    for r in &report.results {
+        markdown.push_str(&format!("- {}: {:.4} ({}/{})\n", r.task, r.accuracy, r.passed, r.problems));
+        tasks.insert(r.task.clone(), serde_json::json!(r.accuracy));
+    }
+    markdown.push_str(&format!(
+        "- ChatCORE: {:.4}{}\n",
+        report.chatcore,
+        if report.complete { "" } else { " (partial)" }
+    ));
+    let chatcore = report.complete.then_some(report.chatcore);
+    let metrics = serde_json::json!({ "seconds": seconds, "tasks": tasks, "chatcore": chatcore });
+    crate::report::write_section(&format!("chat_eval_{source}"), &markdown, metrics)?;
     Ok(())
 }

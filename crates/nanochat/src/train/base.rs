@@ -26,9 +26,10 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{append_jsonl, batch_tensors, forward_backward, sample_completions, validation_bpb, LossEma};
+use super::{
+    append_jsonl, batch_tensors, drop_metrics_from, forward_backward, log, sample_completions, validation_bpb, LossEma,
+};
 use crate::checkpoint::{self, LoopState, Meta};
-use crate::common::write_atomic;
 use crate::data::dataset::{self, Split};
 use crate::data::loader::{Loader, LoaderConfig, Packing};
 use crate::model::{GPTConfig, GPT};
@@ -38,8 +39,19 @@ use crate::optim::{clip_grad_norm, muon_momentum, setup_optimizers, LrSchedule, 
 pub enum BaseCommand {
     /// Pretrain the GPT on the parquet shards; checkpoints go to $NANOCHAT_BASE_DIR/base_checkpoints/<tag>.
     Train(Box<TrainArgs>),
-    /// Validation bits per byte and greedy samples of a saved base checkpoint.
+    /// CORE metric, validation bits per byte and greedy samples of a saved base checkpoint.
     Eval(EvalArgs),
+}
+
+/// The evaluations `nanochat base eval` can run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvalKind {
+    /// The CORE metric over the eval bundle (22 tasks).
+    Core,
+    /// Validation bits per byte.
+    Bpb,
+    /// Greedy completions of fixed prompts.
+    Sample,
 }
 
 /// Options of `nanochat base eval`.
@@ -60,6 +72,15 @@ pub struct EvalArgs {
     /// Directory of parquet shards [default: $NANOCHAT_BASE_DIR/base_data].
     #[arg(long, env = "NANOCHAT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Which evaluations to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "core,bpb,sample")]
+    pub eval: Vec<EvalKind>,
+    /// Evaluate at most this many items per CORE task (for quick runs) [default: all].
+    #[arg(long)]
+    pub max_per_task: Option<usize>,
+    /// The CORE eval bundle (core.yaml, eval_meta_data.csv, eval_data/) [default: $NANOCHAT_BASE_DIR/eval_bundle].
+    #[arg(long)]
+    pub bundle_dir: Option<PathBuf>,
 }
 
 /// Options of `nanochat base train` (defaults: the original's d20 run).
@@ -217,7 +238,9 @@ pub fn run(cmd: BaseCommand) -> Result<()> {
         BaseCommand::Train(args) => {
             let tokenizer = crate::tokenizer::load()?;
             let dir = checkpoint::base_checkpoint_dir(args.model_tag.as_deref(), args.depth);
+            let started = Instant::now();
             let report = train(&args, &tokenizer, &dir)?;
+            write_train_section(&args, &tokenizer, &report, started.elapsed().as_secs_f64())?;
             let bpb = report.val_bpb.map_or_else(|| "not evaluated".to_string(), |b| format!("{b:.4}"));
             println!(
                 "done: {} steps, {:.0} tokens/s, validation bpb {bpb}; checkpoints in {}",
@@ -227,23 +250,75 @@ pub fn run(cmd: BaseCommand) -> Result<()> {
             );
             Ok(())
         }
-        BaseCommand::Eval(args) => {
-            let tokenizer = crate::tokenizer::load()?;
-            let dir = crate::common::base_dir().join("base_checkpoints").join(&args.model_tag);
-            let step = match args.step {
-                Some(step) => step,
-                None => checkpoint::latest_step(&dir)?.with_context(|| {
-                    format!("no checkpoint in {}: train one with `nanochat base train` first", dir.display())
-                })?,
-            };
-            let data_dir = args.data_dir.clone().unwrap_or_else(dataset::data_dir);
-            let (bpb, samples) =
-                evaluate_checkpoint(&dir, step, &tokenizer, &data_dir, args.device_batch_size, args.eval_tokens)?;
-            println!("{} step {step}: validation bpb {bpb:.4}", dir.display());
-            samples.iter().for_each(|s| println!("  {s}"));
-            Ok(())
-        }
+        BaseCommand::Eval(args) => run_eval(&args),
     }
+}
+
+/// The base-train section of the report: what was trained, how long, how well.
+fn write_train_section(args: &TrainArgs, tokenizer: &bpe::Tokenizer, report: &TrainReport, seconds: f64) -> Result<()> {
+    let cfg = args.model_config(tokenizer.vocab_size())?;
+    let params = cfg.num_params();
+    let flops = cfg.estimate_flops() as f64 * (report.num_iterations * args.total_batch_size) as f64;
+    let bpb = report.val_bpb.map_or_else(|| "-".to_string(), |b| format!("{b:.4}"));
+    let markdown = format!(
+        "- depth: {}\n- parameters: {params}\n- steps: {} of {} tokens\n- training FLOPs: {flops:.3e}\n\
+         - final validation bpb: {bpb}\n- throughput: {:.0} tokens/s\n",
+        args.depth, report.num_iterations, args.total_batch_size, report.tokens_per_sec
+    );
+    let metrics = json!({
+        "seconds": seconds, "depth": args.depth, "params": params, "steps": report.num_iterations,
+        "total_batch_size": args.total_batch_size, "flops": flops, "val_bpb": report.val_bpb,
+        "tokens_per_sec": report.tokens_per_sec,
+    });
+    crate::report::write_section("base_train", &markdown, metrics)?;
+    Ok(())
+}
+
+/// `nanochat base eval`: loads the checkpoint once, runs the evaluations asked for, saves the CORE
+/// results as `$NANOCHAT_BASE_DIR/base_eval/base_<tag>_<step>.{csv,json}` (the original's layout)
+/// and writes the report section.
+fn run_eval(args: &EvalArgs) -> Result<()> {
+    let started = Instant::now();
+    let tokenizer = crate::tokenizer::load()?;
+    let base = crate::common::base_dir();
+    let dir = base.join("base_checkpoints").join(&args.model_tag);
+    let step = match args.step {
+        Some(step) => step,
+        None => checkpoint::latest_step(&dir)?.with_context(|| {
+            format!("no checkpoint in {}: train one with `nanochat base train` first", dir.display())
+        })?,
+    };
+    let device = Device::cuda_if_available(0)?;
+    let ckpt = checkpoint::load(&dir, step, &device, false, Some(&tokenizer.fingerprint()))?;
+    let (model, _) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
+    let mut markdown = format!("- model: {} step {step}\n", args.model_tag);
+    let mut metrics = json!({ "model_tag": args.model_tag, "step": step });
+
+    if args.eval.contains(&EvalKind::Core) {
+        let bundle_dir = args.bundle_dir.clone().unwrap_or_else(crate::eval::bundle::Bundle::default_dir);
+        let results = crate::eval::core::evaluate_core(&model, &tokenizer, &bundle_dir, args.max_per_task)?;
+        let (csv, _) = results.save(&base.join("base_eval"), &format!("base_{}_{step:06}", args.model_tag))?;
+        println!("CORE {:.4}; per task in {}", results.core, csv.display());
+        markdown.push_str(&format!("- CORE: {:.4}\n\n```\n{}```\n", results.core, results.to_csv()));
+        metrics["core"] = json!(results.core);
+    }
+    if args.eval.contains(&EvalKind::Bpb) {
+        let data_dir = args.data_dir.clone().unwrap_or_else(dataset::data_dir);
+        let loader = LoaderConfig::new(data_dir, Split::Val, args.device_batch_size, model.config().sequence_len);
+        let bpb = validation_bpb(&model, &tokenizer, &loader, args.eval_tokens)?;
+        println!("{} step {step}: validation bpb {bpb:.4}", dir.display());
+        markdown.push_str(&format!("- validation bpb: {bpb:.4}\n"));
+        metrics["val_bpb"] = json!(bpb);
+    }
+    if args.eval.contains(&EvalKind::Sample) {
+        let samples = sample_completions(&model, &tokenizer)?;
+        samples.iter().for_each(|s| println!("  {s}"));
+        markdown.push_str("\nSamples:\n\n");
+        samples.iter().for_each(|s| markdown.push_str(&format!("- {}\n", s.replace('\n', " "))));
+    }
+    metrics["seconds"] = json!(started.elapsed().as_secs_f64());
+    crate::report::write_section("base_eval", &markdown, metrics)?;
+    Ok(())
 }
 
 /// Validation bits per byte and greedy samples of the checkpoint at `step` in `dir`, evaluated
@@ -414,31 +489,4 @@ pub fn train(args: &TrainArgs, tokenizer: &bpe::Tokenizer, out_dir: &Path) -> Re
     let trained_steps = (num_iterations - start_step) as f64;
     let tokens_per_sec = if run_time > 0.0 { trained_steps * tokens_per_step as f64 / run_time } else { 0.0 };
     Ok(TrainReport { start_step, losses, num_iterations, val_bpb: loop_state.val_bpb, tokens_per_sec })
-}
-
-/// Drops the metrics records of steps from `step` on: on resume, those of the interrupted run
-/// after its checkpoint, so that the log reads as one uninterrupted run; on a fresh start (step
-/// 0), those of an earlier run in the same directory, whose checkpoints get overwritten too.
-fn drop_metrics_from(path: &Path, step: usize) -> Result<()> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let record_step = |line: &str| {
-        let value: serde_json::Value = serde_json::from_str(line).ok()?;
-        value.get("step")?.as_u64()
-    };
-    let kept: String = text
-        .lines()
-        .filter(|line| record_step(line).is_none_or(|s| s < step as u64))
-        .map(|line| format!("{line}\n"))
-        .collect();
-    write_atomic(path, kept.as_bytes())
-}
-
-/// Prints a log line above the progress bar, or plainly when the bar is hidden (not a terminal),
-/// where indicatif's `println` would drop it.
-fn log(pb: &indicatif::ProgressBar, line: String) {
-    pb.suspend(|| eprintln!("{line}"));
 }

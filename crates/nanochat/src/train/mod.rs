@@ -1,18 +1,28 @@
-//! Training stages (`base`: pretraining) and the pieces every stage shares: a gradient-accumulated
-//! step, validation bits per byte, greedy samples, the loss EMA and the metrics log.
+//! Training stages (`base`: pretraining; `mid`: midtraining; `sft`: supervised finetuning) and the
+//! pieces every stage shares: a gradient-accumulated optimizer step, validation bits per byte,
+//! greedy samples, the loss EMA, the metrics log, and loading the previous stage's checkpoint.
 
 pub mod base;
+pub mod mid;
+pub mod sft;
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
+use rayon::prelude::*;
 
+use crate::chat_cli::Source;
+use crate::checkpoint::Checkpoint;
 use crate::data::dataset::Split;
 use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::model::{Reduction, GPT};
+use crate::optim::{clip_grad_norm, OptimConfig, Optimizers};
+use crate::tasks::identity::{CustomJson, Identity};
+use crate::tasks::{DataRoot, Task};
 
 /// A loader batch as (inputs, targets) tensors of shape (B, T).
 pub fn batch_tensors(batch: &Batch, batch_size: usize, seq_len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
@@ -186,4 +196,160 @@ pub fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     writeln!(file, "{value}").with_context(|| format!("appending to {}", path.display()))
+}
+
+/// One optimizer step: forward and backward over `accum_steps` micro-batches, gradient clipping
+/// (when `grad_clip > 0`), then the learning rates scaled by `lr_multiplier` and, when given, Muon's
+/// momentum set before the update. Returns the mean loss and the gradient norm before clipping.
+#[allow(clippy::too_many_arguments)] // each is one knob of the step; a struct would only rename them
+pub fn optimizer_step(
+    model: &GPT,
+    optimizers: &mut Optimizers,
+    vars: &[Var],
+    micro_batches: impl IntoIterator<Item = Result<(Tensor, Tensor)>>,
+    accum_steps: usize,
+    grad_clip: f64,
+    lr_multiplier: f64,
+    muon_momentum: Option<f64>,
+) -> Result<(f64, Option<f64>)> {
+    let (loss, mut grads) = forward_backward(model, vars, micro_batches, accum_steps)?;
+    if !loss.is_finite() {
+        bail!("the loss is {loss}: training diverged; lower the learning rates");
+    }
+    let grad_norm = if grad_clip > 0.0 { Some(clip_grad_norm(vars, &mut grads, grad_clip)?) } else { None };
+    optimizers.set_lr_multiplier(lr_multiplier);
+    if let Some(momentum) = muon_momentum {
+        optimizers.set_muon_momentum(momentum);
+    }
+    optimizers.step(&grads)?;
+    Ok((loss, grad_norm))
+}
+
+/// The checkpoint a chat stage starts from: stage `source`, tag `model_tag` (default: the deepest
+/// `d<N>`, as `nanochat chat` picks), step `step` (default: the latest). Returns it with its tag,
+/// which the new stage's checkpoints reuse. `hint` tells the user how to get one when there is none.
+pub fn load_stage_checkpoint(
+    source: Source,
+    model_tag: Option<&str>,
+    step: Option<usize>,
+    tokenizer: &bpe::Tokenizer,
+    device: &Device,
+    hint: &str,
+) -> Result<(Checkpoint, String)> {
+    let root = source.checkpoints_dir();
+    let tag = match model_tag {
+        Some(tag) => tag.to_string(),
+        None => crate::chat_cli::default_model_tag(&root)
+            .with_context(|| format!("no {source:?} checkpoint to start from: {hint}"))?,
+    };
+    let dir = root.join(&tag);
+    let step = match step {
+        Some(step) => step,
+        None => crate::checkpoint::latest_step(&dir)?
+            .with_context(|| format!("no checkpoint in {}: {hint} (or pick another --model-tag)", dir.display()))?,
+    };
+    let ckpt = crate::checkpoint::load(&dir, step, device, false, Some(&tokenizer.fingerprint()))?;
+    Ok((ckpt, tag))
+}
+
+/// The first `limit` examples of `task` (all if it has fewer) rendered to `(ids, mask)`, each cut
+/// to `max_tokens`; in parallel, in order.
+pub fn render_task(
+    tokenizer: &bpe::Tokenizer,
+    task: &dyn Task,
+    limit: usize,
+    max_tokens: usize,
+) -> Result<Vec<(Vec<u32>, Vec<u8>)>> {
+    (0..task.len().min(limit))
+        .into_par_iter()
+        .map(|i| {
+            let example = task.get(i)?;
+            crate::conversation::render_conversation(tokenizer, &example.conversation, max_tokens)
+                .with_context(|| format!("rendering example {i} of {}", task.name()))
+        })
+        .collect()
+}
+
+/// Drops the metrics records of steps from `step` on: on resume, those of the interrupted run
+/// after its checkpoint, so that the log reads as one uninterrupted run; on a fresh start (step
+/// 0), those of an earlier run in the same directory, whose checkpoints get overwritten too.
+pub fn drop_metrics_from(path: &Path, step: usize) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let record_step = |line: &str| {
+        let value: serde_json::Value = serde_json::from_str(line).ok()?;
+        value.get("step")?.as_u64()
+    };
+    let kept: String = text
+        .lines()
+        .filter(|line| record_step(line).is_none_or(|s| s < step as u64))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    crate::common::write_atomic(path, kept.as_bytes())
+}
+
+/// Prints a log line above the progress bar, or plainly when the bar is hidden (not a terminal),
+/// where indicatif's `println` would drop it.
+pub fn log(pb: &indicatif::ProgressBar, line: String) {
+    pb.suspend(|| eprintln!("{line}"));
+}
+
+/// The options midtraining and SFT share: where they start from, their data, their learning rates.
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
+pub struct ChatStageArgs {
+    /// Tag (directory name, e.g. d20) of the checkpoint to start from; the new checkpoints go under
+    /// the same tag [default: the deepest d<N>].
+    #[arg(long)]
+    pub model_tag: Option<String>,
+    /// Step of the checkpoint to start from [default: the latest].
+    #[arg(long)]
+    pub step: Option<usize>,
+    /// Task data, laid out like the offline mirror (eval/, sft/, words/) [default: $NANOCHAT_BASE_DIR/task_data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// JSON-lines file of identity conversations to train on instead of the built-in ones.
+    #[arg(long)]
+    pub identity_file: Option<PathBuf>,
+    /// AdamW learning rate of the token embedding (scaled by (n_embd/768)^-0.5).
+    #[arg(long, default_value_t = 0.2)]
+    pub embedding_lr: f64,
+    /// AdamW learning rate of the lm_head (scaled by (n_embd/768)^-0.5).
+    #[arg(long, default_value_t = 0.004)]
+    pub unembedding_lr: f64,
+    /// Muon learning rate of the block matrices.
+    #[arg(long, default_value_t = 0.02)]
+    pub matrix_lr: f64,
+    /// Clip the gradient's global norm to this (0: no clipping, as the original's chat stages).
+    #[arg(long, default_value_t = 0.0)]
+    pub grad_clip: f64,
+    /// Seed of the data mixture's order and of the generated tasks.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl ChatStageArgs {
+    /// The optimizer learning rates, each scaled by `lr_frac`.
+    pub fn optim_config(&self, lr_frac: f64) -> OptimConfig {
+        OptimConfig {
+            unembedding_lr: self.unembedding_lr * lr_frac,
+            embedding_lr: self.embedding_lr * lr_frac,
+            matrix_lr: self.matrix_lr * lr_frac,
+            weight_decay: 0.0,
+        }
+    }
+
+    pub fn data_root(&self) -> DataRoot {
+        self.data_dir.clone().map_or_else(DataRoot::default, DataRoot::new)
+    }
+
+    /// The identity conversations: the user's file, or 1,000 generated ones (the original's count).
+    pub fn identity(&self) -> Result<Arc<dyn Task>> {
+        Ok(match &self.identity_file {
+            Some(path) => Arc::new(CustomJson::load(path)?),
+            None => Arc::new(Identity::new(1000, self.seed)),
+        })
+    }
 }

@@ -1,0 +1,339 @@
+//! `nanochat mid train`: midtraining (the original's `mid_train.py`). The base model keeps
+//! pretraining, one epoch, on a mixture of conversations, so it learns the chat format, multiple
+//! choice, calculator calls, spelling and who it is.
+//!
+//! Design choices, as in the original unless said otherwise:
+//! - the mixture: chat data, multiple choice (here MMLU dev + validation and ARC-Easy/Challenge
+//!   validation, since MMLU's auxiliary_train is not in the offline mirror; the test splits stay
+//!   for evaluation), GSM8K train with calculator parts, the identity conversations twice, and
+//!   SimpleSpelling / SpellingBee sized in the original's proportion to the chat data (200 and 80
+//!   per 460 chat conversations), all shuffled together by `--seed`;
+//! - the loss covers every token, the mask of `render_conversation` is ignored: midtraining is the
+//!   pretraining objective on chat-formatted text (SFT is where only the assistant's tokens count);
+//! - conversations are concatenated into one stream and cut into micro-batches of
+//!   `device-batch-size` × (`max-seq-len` + 1) tokens, inputs the first T of each row and targets
+//!   the last T, like the pretraining stream; the whole stream is rendered up front (4 bytes a
+//!   token: ~100 MB for the mirror's mixture), which fixes the run's length before it starts, so
+//!   the LR schedule is base's (constant, then linear warmdown to 0 over the last 20%) on steps
+//!   rather than the original's estimate of progress, and resuming needs no loader state: step N
+//!   starts at micro-batch N × accumulation steps;
+//! - a held-out slice of the shuffled mixture (`--val-fraction`) gives the validation bits per
+//!   byte, rather than the original's test splits, which the chat evals use;
+//! - the optimizers are set up fresh from the base weights, with Muon's momentum warm-up;
+//! - checkpoints go to `$NANOCHAT_BASE_DIR/mid_checkpoints/<tag>`, `<tag>` that of the base model.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use serde_json::json;
+
+use super::base::TrainReport;
+use super::{append_jsonl, drop_metrics_from, evaluate_bpb, log, optimizer_step, render_task, ChatStageArgs, LossEma};
+use crate::chat_cli::Source;
+use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
+use crate::optim::{muon_momentum, setup_optimizers, LrSchedule};
+use crate::tasks::arc::{ArcSubset, ArcTask};
+use crate::tasks::chat::ChatData;
+use crate::tasks::gsm8k::Gsm8k;
+use crate::tasks::mixture::{Subset, TaskMixture};
+use crate::tasks::mmlu::Mmlu;
+use crate::tasks::spelling::{load_words, SimpleSpelling, SpellingBee, Split};
+use crate::tasks::Task;
+
+#[derive(Subcommand)]
+pub enum MidCommand {
+    /// Midtrain the latest base model on the conversation mixture; checkpoints go to
+    /// $NANOCHAT_BASE_DIR/mid_checkpoints/<tag>.
+    Train(Box<MidArgs>),
+}
+
+/// Options of `nanochat mid train` (defaults: the original's d20 run).
+#[derive(Parser, Debug, Clone, Serialize)]
+#[command(args_override_self = true)] // a later flag wins, so scripts can append overrides
+pub struct MidArgs {
+    #[command(flatten)]
+    pub stage: ChatStageArgs,
+    /// Context length in tokens [default: the base model's].
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Rows per forward/backward pass; lower it if memory runs out.
+    #[arg(long, default_value_t = 32)]
+    pub device_batch_size: usize,
+    /// Tokens per optimizer step; a multiple of device-batch-size * max-seq-len.
+    #[arg(long, default_value_t = 524_288)]
+    pub total_batch_size: usize,
+    /// Stop after this many steps [default: one epoch of the mixture].
+    #[arg(long)]
+    pub num_iterations: Option<usize>,
+    /// Fraction of the steps at the end spent decaying the learning rate to 0.
+    #[arg(long, default_value_t = 0.2)]
+    pub warmdown_ratio: f64,
+    /// Fraction of the mixture held out for validation.
+    #[arg(long, default_value_t = 0.02)]
+    pub val_fraction: f64,
+    /// Evaluate validation bits per byte every this many steps (0: never).
+    #[arg(long, default_value_t = 150)]
+    pub eval_every: usize,
+    /// Validation tokens per evaluation [default: 20 * total-batch-size].
+    #[arg(long)]
+    pub eval_tokens: Option<usize>,
+    /// Save a checkpoint every this many steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Continue the run from its checkpoint at this step.
+    #[arg(long)]
+    pub resume_from_step: Option<usize>,
+}
+
+pub fn run(cmd: MidCommand) -> Result<()> {
+    let MidCommand::Train(args) = cmd;
+    let tokenizer = crate::tokenizer::load()?;
+    let device = Device::cuda_if_available(0)?;
+    let (base, tag) = super::load_stage_checkpoint(
+        Source::Base,
+        args.stage.model_tag.as_deref(),
+        args.stage.step,
+        &tokenizer,
+        &device,
+        "run `nanochat base train` first",
+    )?;
+    let (train_task, val_task) = mid_mixture(&args.stage, args.val_fraction)?;
+    let out_dir = Source::Mid.checkpoints_dir().join(&tag);
+    let report = train(&args, &tokenizer, train_task.as_ref(), val_task.as_ref(), &base, &out_dir)?;
+    let bpb = report.val_bpb.map_or_else(|| "not evaluated".to_string(), |b| format!("{b:.4}"));
+    println!(
+        "done: {} steps, {:.0} tokens/s, validation bpb {bpb}; checkpoints in {}",
+        report.num_iterations,
+        report.tokens_per_sec,
+        out_dir.display()
+    );
+    Ok(())
+}
+
+/// The original's midtraining mixture from the task data (see the module docs), split into the
+/// training part and the held-out last `val_fraction` of it.
+pub fn mid_mixture(stage: &ChatStageArgs, val_fraction: f64) -> Result<(Arc<dyn Task>, Arc<dyn Task>)> {
+    let root = stage.data_root();
+    let chat = ChatData::sharegpt(&root, "train")?;
+    let words = load_words(&root)?;
+    let identity = stage.identity()?;
+    let spelling = |per_460: usize| chat.len() * per_460 / 460;
+    let tasks: Vec<Arc<dyn Task>> = vec![
+        Arc::new(SimpleSpelling::new(words.clone(), spelling(200), Split::Train)),
+        Arc::new(SpellingBee::new(words, spelling(80), Split::Train)),
+        Arc::new(chat),
+        Arc::new(Mmlu::load(&root, "dev")?),
+        Arc::new(Mmlu::load(&root, "validation")?),
+        Arc::new(ArcTask::load(&root, ArcSubset::Easy, "validation")?),
+        Arc::new(ArcTask::load(&root, ArcSubset::Challenge, "validation")?),
+        Arc::new(Gsm8k::load(&root, "train")?),
+        identity.clone(),
+        identity,
+    ];
+    split_off_val(Arc::new(TaskMixture::new(tasks, stage.seed)), val_fraction)
+}
+
+/// `(first part, last val_fraction)` of a task; both must be non-empty.
+pub fn split_off_val(task: Arc<dyn Task>, val_fraction: f64) -> Result<(Arc<dyn Task>, Arc<dyn Task>)> {
+    if !(0.0..1.0).contains(&val_fraction) {
+        bail!("--val-fraction is {val_fraction}: it must be in [0, 1)");
+    }
+    let n = task.len();
+    let n_val = ((n as f64 * val_fraction).ceil() as usize).max(1);
+    if n_val >= n {
+        bail!("the mixture has {n} conversations: too few to hold {n_val} out for validation");
+    }
+    let train = Subset::slice(task.clone(), 0, Some(n - n_val), 1)?;
+    let val = Subset::slice(task, n - n_val, None, 1)?;
+    Ok((Arc::new(train), Arc::new(val)))
+}
+
+/// The conversations of `task` rendered and concatenated, masks dropped (every token is trained on),
+/// each cut to one row of T + 1 tokens as the original cuts them to its context.
+fn token_stream(tokenizer: &bpe::Tokenizer, task: &dyn Task, max_tokens: usize) -> Result<Vec<u32>> {
+    Ok(render_task(tokenizer, task, usize::MAX, max_tokens)?.into_iter().flat_map(|(ids, _)| ids).collect())
+}
+
+/// Micro-batch `k` of the stream: rows of T + 1 tokens cut one after another, as (inputs, targets).
+fn micro_batch(stream: &[u32], k: usize, rows: usize, seq_len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let span = rows * (seq_len + 1);
+    let Some(tokens) = stream.get(k * span..(k + 1) * span) else {
+        bail!("micro-batch {k} is past the end of the {}-token stream", stream.len());
+    };
+    let (mut inputs, mut targets) = (Vec::with_capacity(rows * seq_len), Vec::with_capacity(rows * seq_len));
+    for row in tokens.chunks_exact(seq_len + 1) {
+        inputs.extend_from_slice(&row[..seq_len]);
+        targets.extend(row[1..].iter().map(|&t| i64::from(t)));
+    }
+    let x = Tensor::from_vec(inputs, (rows, seq_len), device)?;
+    let y = Tensor::from_vec(targets, (rows, seq_len), device)?;
+    Ok((x, y))
+}
+
+/// Runs (or resumes) midtraining from the `base` checkpoint's weights on `train_task`, with
+/// checkpoints and metrics in `out_dir`.
+pub fn train(
+    args: &MidArgs,
+    tokenizer: &bpe::Tokenizer,
+    train_task: &dyn Task,
+    val_task: &dyn Task,
+    base: &Checkpoint,
+    out_dir: &Path,
+) -> Result<TrainReport> {
+    let device = Device::cuda_if_available(0)?;
+    let model_config = base.meta.model_config.clone();
+    let seq_len = args.max_seq_len.unwrap_or(model_config.sequence_len);
+    if seq_len > model_config.sequence_len {
+        bail!("--max-seq-len {seq_len} is longer than the base model's context of {}", model_config.sequence_len);
+    }
+    let rows = args.device_batch_size;
+    let per_pass = rows * seq_len;
+    if per_pass == 0 || args.total_batch_size % per_pass != 0 {
+        bail!("--total-batch-size {} is not a multiple of {rows} x {seq_len}", args.total_batch_size);
+    }
+    let accum_steps = args.total_batch_size / per_pass;
+    let stream = token_stream(tokenizer, train_task, seq_len + 1)?;
+    let epoch_steps = stream.len() / (rows * (seq_len + 1)) / accum_steps;
+    let num_iterations = match args.num_iterations {
+        Some(n) if n > epoch_steps => {
+            bail!("--num-iterations {n} is more than one epoch of the mixture ({epoch_steps} steps): lower it")
+        }
+        Some(n) => n,
+        None => epoch_steps,
+    };
+    if num_iterations == 0 {
+        bail!("the mixture's {} tokens make no full step of {} tokens", stream.len(), args.total_batch_size);
+    }
+    let val_stream = token_stream(tokenizer, val_task, seq_len + 1)?;
+    let val_available = val_stream.len() / (rows * (seq_len + 1));
+    if args.eval_every > 0 && val_available == 0 {
+        bail!("the held-out conversations make less than one batch: raise --val-fraction or pass --eval-every 0");
+    }
+    let val_batches =
+        (args.eval_tokens.unwrap_or(20 * args.total_batch_size) / per_pass).clamp(1, val_available.max(1));
+    let fingerprint = tokenizer.fingerprint();
+    let optim_config = args.stage.optim_config(1.0);
+    let schedule =
+        LrSchedule { num_iterations, warmup_ratio: 0.0, warmdown_ratio: args.warmdown_ratio, final_lr_frac: 0.0 };
+    // The stream's length stands for its content: a resume on other data would silently differ.
+    let run_config = json!({
+        "args": args, "num_iterations": num_iterations, "grad_accum_steps": accum_steps,
+        "stream_tokens": stream.len(), "base_step": base.meta.step,
+    });
+
+    let (model, varmap, mut optimizers, start_step, mut loop_state) = match args.resume_from_step {
+        None => {
+            let (model, varmap) = checkpoint::model_from_checkpoint(base, &device)?;
+            let optimizers = setup_optimizers(&model_config, &varmap, &optim_config)?;
+            (model, varmap, optimizers, 0, LoopState::default())
+        }
+        Some(step) => {
+            let ckpt = checkpoint::load(out_dir, step, &device, true, Some(&fingerprint))?;
+            if ckpt.meta.model_config != model_config {
+                bail!(
+                    "the checkpoint in {} is not of the base model's shape: resume the run it came from",
+                    out_dir.display()
+                );
+            }
+            for key in ["stream_tokens", "num_iterations", "grad_accum_steps"] {
+                if ckpt.meta.run_config.get(key) != run_config.get(key) {
+                    bail!("the run's {key} changed since the checkpoint: resume with the original options and data");
+                }
+            }
+            let (model, varmap) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
+            let mut optimizers = setup_optimizers(&model_config, &varmap, &optim_config)?;
+            optimizers.load_state_dict(&ckpt.optim).context("restoring the optimizer state")?;
+            (model, varmap, optimizers, step, ckpt.meta.loop_state)
+        }
+    };
+    if start_step > num_iterations {
+        bail!("cannot resume from step {start_step}: the run is only {num_iterations} steps long");
+    }
+    let vars: Vec<Var> = optimizers.vars().cloned().collect();
+    let metrics_path = out_dir.join("metrics.jsonl");
+    drop_metrics_from(&metrics_path, start_step)?;
+    let token_bytes = tokenizer.token_bytes();
+
+    let pb = crate::common::progress_bar(num_iterations as u64, "mid train");
+    pb.set_position(start_step as u64);
+    log(
+        &pb,
+        format!(
+            "midtraining {model_config:?} on {} conversations ({} tokens): {num_iterations} steps of {} tokens \
+             ({accum_steps} micro-batches of {rows}x{seq_len})",
+            train_task.len(),
+            stream.len(),
+            args.total_batch_size
+        ),
+    );
+    let mut ema = LossEma { value: loop_state.smooth_train_loss };
+    let mut losses = Vec::new();
+    let mut step = start_step;
+    let mut run_time = 0.0;
+    loop {
+        let last_step = step == num_iterations;
+        if args.eval_every > 0 && (last_step || step % args.eval_every == 0) {
+            let batches = (0..val_batches).map(|k| micro_batch(&val_stream, k, rows, seq_len, &device));
+            let bpb = evaluate_bpb(&model, batches, &token_bytes)?;
+            loop_state.val_bpb = Some(bpb);
+            loop_state.min_val_bpb = Some(loop_state.min_val_bpb.map_or(bpb, |m| m.min(bpb)));
+            log(&pb, format!("step {step:05} | validation bpb {bpb:.4}"));
+            append_jsonl(&metrics_path, &json!({ "step": step, "val_bpb": bpb }))?;
+        }
+        let periodic_save = args.save_every > 0 && step % args.save_every == 0 && step != start_step;
+        if last_step || periodic_save {
+            let mut meta = Meta::new(step, model_config.clone(), fingerprint.clone());
+            meta.loop_state = LoopState { smooth_train_loss: ema.value, ..loop_state.clone() };
+            meta.run_config = run_config.clone();
+            let optim_state = optimizers.state_dict()?;
+            checkpoint::save(out_dir, &checkpoint::varmap_tensors(&varmap)?, Some(&optim_state), &meta)?;
+            log(&pb, format!("step {step:05} | saved checkpoint in {}", out_dir.display()));
+        }
+        if last_step {
+            break;
+        }
+
+        let t0 = Instant::now();
+        let first = step * accum_steps;
+        let micro_batches = (first..first + accum_steps).map(|k| micro_batch(&stream, k, rows, seq_len, &device));
+        let lr_multiplier = schedule.multiplier(step);
+        let momentum = muon_momentum(step);
+        let (loss, grad_norm) = optimizer_step(
+            &model,
+            &mut optimizers,
+            &vars,
+            micro_batches,
+            accum_steps,
+            args.stage.grad_clip,
+            lr_multiplier,
+            Some(momentum),
+        )
+        .with_context(|| format!("step {step}"))?;
+        let dt = t0.elapsed().as_secs_f64();
+        let smooth_loss = ema.update(loss, step);
+        losses.push(loss);
+        loop_state.total_training_time += dt;
+        run_time += dt;
+        let tokens_per_sec = args.total_batch_size as f64 / dt;
+        pb.set_message(format!("loss {smooth_loss:.4} | lrm {lr_multiplier:.2} | {tokens_per_sec:.0} tok/s"));
+        pb.inc(1);
+        append_jsonl(
+            &metrics_path,
+            &json!({
+                "step": step, "loss": loss, "smooth_loss": smooth_loss, "lr_multiplier": lr_multiplier,
+                "muon_momentum": momentum, "grad_norm": grad_norm, "dt": dt, "tokens_per_sec": tokens_per_sec,
+                "total_training_time": loop_state.total_training_time,
+            }),
+        )?;
+        step += 1;
+    }
+    pb.finish();
+    let trained = (num_iterations - start_step) as f64;
+    let tokens_per_sec = if run_time > 0.0 { trained * args.total_batch_size as f64 / run_time } else { 0.0 };
+    Ok(TrainReport { start_step, losses, num_iterations, val_bpb: loop_state.val_bpb, tokens_per_sec })
+}

@@ -1,0 +1,229 @@
+//! Midtraining and SFT on a tiny model: a base checkpoint is pretrained in-test for 2 steps, then
+//! midtraining lowers the loss on a small repeated mixture, resumes exactly, and leaves a checkpoint
+//! the engine loads; SFT trains only on the assistant's tokens and leaves a loadable checkpoint; the
+//! real mixtures build from the offline data mirror.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+use clap::Parser;
+use nanochat::chat_cli::{load_engine, Source};
+use nanochat::checkpoint::{self, Checkpoint};
+use nanochat::conversation::render_conversation;
+use nanochat::data::dataset::write_shard;
+use nanochat::tasks::identity::Identity;
+use nanochat::tasks::mixture::TaskSequence;
+use nanochat::tasks::Task;
+use nanochat::train::load_stage_checkpoint;
+use nanochat::train::mid::{self, split_off_val, MidArgs};
+use nanochat::train::sft::{self, collate, SftArgs};
+
+fn shared_data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+}
+
+/// Identity conversations, the same `copies` times over: easy to learn within a few steps.
+fn repeated_identity(copies: usize) -> Arc<dyn Task> {
+    let one: Arc<dyn Task> = Arc::new(Identity::new(6, 7));
+    Arc::new(TaskSequence::new(vec![one; copies]))
+}
+
+/// Text for the tokenizer and the pretraining shards: the identity conversations' words.
+fn texts() -> Vec<String> {
+    let task = Identity::new(40, 3);
+    (0..task.len())
+        .map(|i| {
+            let conv = task.get(i).unwrap().conversation;
+            serde_json::to_string(&conv).unwrap()
+        })
+        .collect()
+}
+
+/// A 300-token tokenizer, and a base checkpoint of a 1-layer model pretrained 2 steps, in `base`
+/// laid out as `$NANOCHAT_BASE_DIR`. Returns the tokenizer and the base checkpoint.
+fn setup(base: &Path) -> (bpe::Tokenizer, Checkpoint) {
+    let docs = texts();
+    let tok = bpe::Tokenizer::train(docs.iter(), 300, bpe::DEFAULT_PATTERN).unwrap();
+    tok.save(&base.join("tokenizer")).unwrap();
+    let shards = base.join("base_data");
+    std::fs::create_dir_all(&shards).unwrap();
+    write_shard(&shards.join("shard_00000.parquet"), &docs).unwrap();
+    write_shard(&shards.join("shard_00001.parquet"), &docs[..5]).unwrap();
+    let shards = shards.to_string_lossy().into_owned();
+    let argv = [
+        "train",
+        "--depth",
+        "1",
+        "--n-embd",
+        "64",
+        "--max-seq-len",
+        "32",
+        "--device-batch-size",
+        "4",
+        "--total-batch-size",
+        "128",
+        "--num-iterations",
+        "2",
+        "--eval-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--data-dir",
+        &shards,
+    ];
+    let args = nanochat::train::base::TrainArgs::try_parse_from(argv).unwrap();
+    let dir = base.join("base_checkpoints/d1");
+    nanochat::train::base::train(&args, &tok, &dir).unwrap();
+    let ckpt = checkpoint::load(&dir, 2, &Device::Cpu, false, Some(&tok.fingerprint())).unwrap();
+    (tok, ckpt)
+}
+
+fn mid_args(extra: &[&str]) -> MidArgs {
+    let mut argv = vec!["train", "--device-batch-size", "4", "--total-batch-size", "128", "--eval-every", "5"];
+    argv.extend_from_slice(extra);
+    MidArgs::try_parse_from(argv).unwrap()
+}
+
+fn sft_args(extra: &[&str]) -> SftArgs {
+    let mut argv = vec![
+        "train",
+        "--device-batch-size",
+        "2",
+        "--target-examples-per-step",
+        "4",
+        "--eval-steps",
+        "2",
+        "--eval-every",
+        "3",
+    ];
+    argv.extend_from_slice(extra);
+    SftArgs::try_parse_from(argv).unwrap()
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len() as f64
+}
+
+#[test]
+fn mid_then_sft_train_and_leave_checkpoints_the_engine_loads() {
+    let base = tempfile::tempdir().unwrap();
+    let (tok, base_ckpt) = setup(base.path());
+
+    let (train_task, val_task) = split_off_val(repeated_identity(40), 0.1).unwrap();
+    let mid_dir = base.path().join("mid_checkpoints/d1");
+    let args = mid_args(&["--num-iterations", "15", "--matrix-lr", "0.04"]);
+    let report = mid::train(&args, &tok, train_task.as_ref(), val_task.as_ref(), &base_ckpt, &mid_dir).unwrap();
+    assert_eq!(report.losses.len(), 15);
+    let (first, last) = (mean(&report.losses[..3]), mean(&report.losses[12..]));
+    assert!(last < first - 0.5, "midtraining loss did not fall: {:?}", report.losses);
+    assert!(report.val_bpb.is_some_and(f64::is_finite));
+    assert_eq!(checkpoint::latest_step(&mid_dir).unwrap(), Some(15));
+
+    // SFT from the midtrained weights, on the same conversations.
+    let mid_ckpt = checkpoint::load(&mid_dir, 15, &Device::Cpu, false, Some(&tok.fingerprint())).unwrap();
+    let sft_dir = base.path().join("chatsft_checkpoints/d1");
+    let report = sft::train(
+        &sft_args(&["--max-iterations", "6"]),
+        &tok,
+        train_task.as_ref(),
+        val_task.as_ref(),
+        &mid_ckpt,
+        &sft_dir,
+    )
+    .unwrap();
+    assert_eq!(report.losses.len(), 6);
+    assert!(report.losses.iter().all(|l| l.is_finite()) && report.val_loss.is_finite());
+    assert_eq!(checkpoint::latest_step(&sft_dir).unwrap(), Some(6));
+
+    // only this test reads NANOCHAT_BASE_DIR; the others pass their directories
+    std::env::set_var("NANOCHAT_BASE_DIR", base.path());
+    for source in [Source::Mid, Source::Sft] {
+        let engine = load_engine(source, None, None).unwrap();
+        assert_eq!(engine.model().config(), &base_ckpt.meta.model_config);
+    }
+    // The stages find their starting checkpoint the same way: the deepest tag, the latest step.
+    let (ckpt, tag) = load_stage_checkpoint(Source::Mid, None, None, &tok, &Device::Cpu, "hint").unwrap();
+    assert_eq!((ckpt.meta.step, tag.as_str()), (15, "d1"));
+    let Err(err) = load_stage_checkpoint(Source::Rl, None, None, &tok, &Device::Cpu, "run that stage first") else {
+        panic!("there is no RL checkpoint to load");
+    };
+    assert!(format!("{err:#}").contains("run that stage first"), "{err:#}");
+}
+
+#[test]
+fn resumed_midtraining_equals_uninterrupted_midtraining() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, base_ckpt) = setup(tmp.path());
+    let (train_task, val_task) = split_off_val(repeated_identity(20), 0.1).unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let run = |extra: &[&str], dir: &Path| {
+        let mut all = vec!["--num-iterations", "6", "--save-every", "3", "--eval-every", "3"];
+        all.extend_from_slice(extra);
+        mid::train(&mid_args(&all), &tok, train_task.as_ref(), val_task.as_ref(), &base_ckpt, dir).unwrap()
+    };
+    let full = run(&[], &a);
+    for path in [checkpoint::model_path, checkpoint::optim_path, checkpoint::meta_path] {
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::copy(path(&a, 3), path(&b, 3)).unwrap();
+    }
+    let resumed = run(&["--resume-from-step", "3"], &b);
+    assert_eq!(resumed.start_step, 3);
+    assert_eq!(resumed.losses, full.losses[3..], "losses after the resume differ");
+    assert_eq!(resumed.val_bpb, full.val_bpb);
+    let ca = checkpoint::load(&a, 6, &Device::Cpu, true, None).unwrap();
+    let cb = checkpoint::load(&b, 6, &Device::Cpu, true, None).unwrap();
+    for (name, t) in &ca.model {
+        let (x, y) = (t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), cb.model[name].flatten_all().unwrap());
+        assert_eq!(x, y.to_vec1::<f32>().unwrap(), "{name} differs after resume");
+    }
+    // The EMA goes through the meta's JSON, which serde_json (without `float_roundtrip`) may read
+    // back an ulp off; the weights and losses above are the exact check.
+    let (ema_a, ema_b) = (ca.meta.loop_state.smooth_train_loss, cb.meta.loop_state.smooth_train_loss);
+    assert!((ema_a - ema_b).abs() < 1e-12, "{ema_a} vs {ema_b}");
+
+    // A resume over other data is refused rather than silently diverging.
+    let (other, _) = split_off_val(repeated_identity(30), 0.1).unwrap();
+    let err =
+        mid::train(&mid_args(&["--resume-from-step", "3"]), &tok, other.as_ref(), val_task.as_ref(), &base_ckpt, &b)
+            .unwrap_err();
+    assert!(format!("{err:#}").contains("resume with the original options"), "{err:#}");
+}
+
+#[test]
+fn sft_targets_are_ignored_exactly_where_the_mask_is_zero_or_padding() {
+    let tok = bpe::Tokenizer::train(texts().iter(), 300, bpe::DEFAULT_PATTERN).unwrap();
+    let task = Identity::new(3, 11);
+    let rendered: Vec<_> =
+        (0..3).map(|i| render_conversation(&tok, &task.get(i).unwrap().conversation, 1000).unwrap()).collect();
+    let pad = tok.special_id("<|assistant_end|>").unwrap();
+    let (inputs, targets, cols) = collate(&rendered, pad);
+    assert_eq!(cols, rendered.iter().map(|(ids, _)| ids.len()).max().unwrap() - 1);
+    for (row, (ids, mask)) in rendered.iter().enumerate() {
+        for i in 0..cols {
+            let (x, y) = (inputs[row * cols + i], targets[row * cols + i]);
+            if i + 1 < ids.len() {
+                assert_eq!(x, ids[i]);
+                let expected = if mask[i + 1] == 1 { i64::from(ids[i + 1]) } else { -1 };
+                assert_eq!(y, expected, "row {row} position {i}");
+            } else {
+                assert_eq!((x, y), (pad, -1), "row {row} position {i} is padding");
+            }
+        }
+        // Some targets are trained on, some (the user's turn) are not.
+        let row_targets = &targets[row * cols..(row + 1) * cols];
+        assert!(row_targets.iter().any(|&t| t >= 0) && row_targets.iter().any(|&t| t < 0));
+    }
+}
+
+#[test]
+fn the_original_mixtures_build_from_the_data_mirror() {
+    let data = shared_data().to_string_lossy().into_owned();
+    let args = mid_args(&["--data-dir", &data]);
+    let (train, val) = mid::mid_mixture(&args.stage, args.val_fraction).unwrap();
+    assert!(val.len() * 49 < train.len() + val.len() && val.len() * 51 > train.len() + val.len());
+    // every task of the original mixture is in it
+    assert!(train.name().contains("GSM8K") && train.name().contains("SpellingBee"), "{}", train.name());
+    let (sft_train, sft_val) = sft::sft_mixture(&sft_args(&["--data-dir", &data]).stage).unwrap();
+    assert!(sft_train.len() > 10_000 && !sft_val.is_empty());
+}
