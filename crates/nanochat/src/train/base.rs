@@ -57,9 +57,9 @@ pub enum EvalKind {
 /// Options of `nanochat base eval`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct EvalArgs {
-    /// Checkpoint directory name under base_checkpoints (e.g. d20).
-    #[arg(long, default_value = "d20")]
-    pub model_tag: String,
+    /// Checkpoint directory name under base_checkpoints (e.g. d20) [default: the deepest d<N> there].
+    #[arg(long)]
+    pub model_tag: Option<String>,
     /// Checkpoint step [default: the latest].
     #[arg(long)]
     pub step: Option<usize>,
@@ -281,7 +281,12 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
     let started = Instant::now();
     let tokenizer = crate::tokenizer::load()?;
     let base = crate::common::base_dir();
-    let dir = base.join("base_checkpoints").join(&args.model_tag);
+    let root = base.join("base_checkpoints");
+    let tag = match &args.model_tag {
+        Some(tag) => tag.clone(),
+        None => crate::chat_cli::default_model_tag(&root)?,
+    };
+    let dir = root.join(&tag);
     let step = match args.step {
         Some(step) => step,
         None => checkpoint::latest_step(&dir)?.with_context(|| {
@@ -291,13 +296,13 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
     let device = Device::cuda_if_available(0)?;
     let ckpt = checkpoint::load(&dir, step, &device, false, Some(&tokenizer.fingerprint()))?;
     let (model, _) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
-    let mut markdown = format!("- model: {} step {step}\n", args.model_tag);
-    let mut metrics = json!({ "model_tag": args.model_tag, "step": step });
+    let mut markdown = format!("- model: {tag} step {step}\n");
+    let mut metrics = json!({ "model_tag": tag, "step": step });
 
     if args.eval.contains(&EvalKind::Core) {
         let bundle_dir = args.bundle_dir.clone().unwrap_or_else(crate::eval::bundle::Bundle::default_dir);
         let results = crate::eval::core::evaluate_core(&model, &tokenizer, &bundle_dir, args.max_per_task)?;
-        let (csv, _) = results.save(&base.join("base_eval"), &format!("base_{}_{step:06}", args.model_tag))?;
+        let (csv, _) = results.save(&base.join("base_eval"), &format!("base_{tag}_{step:06}"))?;
         println!("CORE {:.4}; per task in {}", results.core, csv.display());
         markdown.push_str(&format!("- CORE: {:.4}\n\n```\n{}```\n", results.core, results.to_csv()));
         metrics["core"] = json!(results.core);
