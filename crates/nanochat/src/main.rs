@@ -31,6 +31,9 @@ enum Command {
     /// Supervised finetuning on whole conversations, loss on the assistant's tokens only.
     #[command(subcommand)]
     Sft(nanochat::train::sft::SftCommand),
+    /// Reinforcement learning on GSM8K: sample, reward the right answers, follow the policy gradient.
+    #[command(subcommand)]
+    Rl(nanochat::train::rl::RlCommand),
     /// Talk to a trained model in the terminal (or ask one question with -p).
     Chat(nanochat::chat_cli::ChatArgs),
     /// Web chat: the UI, the streaming API and an OpenAI-compatible API.
@@ -46,6 +49,7 @@ fn main() -> Result<()> {
         Command::Base(cmd) => nanochat::train::base::run(cmd),
         Command::Mid(cmd) => nanochat::train::mid::run(cmd),
         Command::Sft(cmd) => nanochat::train::sft::run(cmd),
+        Command::Rl(cmd) => nanochat::train::rl::run(cmd),
         Command::Chat(args) => nanochat::chat_cli::run(args),
         Command::Serve(args) => nanochat::serve::run(args),
         Command::Report => nanochat::report::run(),

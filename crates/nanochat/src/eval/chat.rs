@@ -30,7 +30,7 @@ use crate::tasks::gsm8k::Gsm8k;
 use crate::tasks::humaneval::HumanEval;
 use crate::tasks::mmlu::Mmlu;
 use crate::tasks::spelling::{load_words, SpellingBee, Split};
-use crate::tasks::{Answer, DataRoot, EvalType, Task};
+use crate::tasks::{Answer, DataRoot, EvalType, Example, Task};
 
 /// The tasks `chat eval` knows, in the original's order.
 pub const TASK_NAMES: [&str; 6] = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"];
@@ -251,29 +251,9 @@ fn last_logits(engine: &Engine, prompts: &[Vec<u32>], pad: u32) -> Result<Vec<Ve
 /// Scores the first `problems` problems of a generative task: `num_samples` completions each,
 /// a pass when any of them passes.
 pub fn evaluate_generative(task: &dyn Task, engine: &Engine, problems: usize, opts: &ChatEvalOptions) -> Result<Tally> {
-    let tokenizer = engine.tokenizer();
-    let limit = engine.max_positions()?;
     let mut tally = Tally::default();
     for index in 0..problems {
-        let example = task.get(index)?;
-        let prompt = render_for_completion(tokenizer, &example.conversation)
-            .with_context(|| format!("rendering {} problem {index}", task.name()))?;
-        ensure!(
-            prompt.len() < limit,
-            "{} problem {index}: its prompt of {} tokens leaves no room in the model's {limit} positions",
-            task.name(),
-            prompt.len()
-        );
-        let gen = GenerateOptions {
-            num_samples: opts.num_samples,
-            // a long prompt gets fewer new tokens rather than an error
-            max_tokens: opts.max_new_tokens.min(limit - prompt.len()),
-            temperature: opts.temperature,
-            top_k: opts.top_k,
-            seed: opts.seed,
-        };
-        let (rows, _) = engine.generate_batch(&prompt, &gen)?;
-        let passed = rows.iter().any(|row| task.evaluate(&example, &tokenizer.decode(&row[prompt.len()..])));
+        let passed = grade_samples(task, engine, index, &generate_options(opts))?.iter().any(|&p| p);
         tally.problems += 1;
         tally.passed += usize::from(passed);
         if opts.progress {
@@ -284,6 +264,60 @@ pub fn evaluate_generative(task: &dyn Task, engine: &Engine, problems: usize, op
         eprintln!();
     }
     Ok(tally)
+}
+
+/// Samples `gen.num_samples` completions of problem `index` and grades each one.
+pub fn grade_samples(task: &dyn Task, engine: &Engine, index: usize, gen: &GenerateOptions) -> Result<Vec<bool>> {
+    let sampled = sample_problem(task, engine, index, gen)?;
+    Ok(sampled.completions(engine.tokenizer()).iter().map(|c| task.evaluate(&sampled.example, c)).collect())
+}
+
+/// The sampling options of a generative eval.
+pub fn generate_options(opts: &ChatEvalOptions) -> GenerateOptions {
+    GenerateOptions {
+        num_samples: opts.num_samples,
+        max_tokens: opts.max_new_tokens,
+        temperature: opts.temperature,
+        top_k: opts.top_k,
+        seed: opts.seed,
+    }
+}
+
+/// Completions sampled for one problem: what RL learns from and generative evals grade.
+pub struct SampledProblem {
+    pub example: Example,
+    /// Tokens of the prompt, which every row starts with.
+    pub prompt_len: usize,
+    /// Per sample, the prompt and its completion (without the token that ended it).
+    pub rows: Vec<Vec<u32>>,
+    /// Per sample, 1 where the model sampled the token, 0 over the prompt and forced tool output.
+    pub masks: Vec<Vec<u8>>,
+}
+
+impl SampledProblem {
+    /// The completions as text.
+    pub fn completions(&self, tokenizer: &bpe::Tokenizer) -> Vec<String> {
+        self.rows.iter().map(|row| tokenizer.decode(&row[self.prompt_len..])).collect()
+    }
+}
+
+/// Renders problem `index` of `task` for completion and samples `gen.num_samples` completions; a
+/// long prompt gets fewer new tokens rather than an error, one that fills the context is an error.
+pub fn sample_problem(task: &dyn Task, engine: &Engine, index: usize, gen: &GenerateOptions) -> Result<SampledProblem> {
+    let tokenizer = engine.tokenizer();
+    let limit = engine.max_positions()?;
+    let example = task.get(index)?;
+    let prompt = render_for_completion(tokenizer, &example.conversation)
+        .with_context(|| format!("rendering {} problem {index}", task.name()))?;
+    ensure!(
+        prompt.len() < limit,
+        "{} problem {index}: its prompt of {} tokens leaves no room in the model's {limit} positions",
+        task.name(),
+        prompt.len()
+    );
+    let gen = GenerateOptions { max_tokens: gen.max_tokens.min(limit - prompt.len()), ..gen.clone() };
+    let (rows, masks) = engine.generate_batch(&prompt, &gen)?;
+    Ok(SampledProblem { example, prompt_len: prompt.len(), rows, masks })
 }
 
 fn percent(tally: &Tally) -> f64 {

@@ -116,6 +116,12 @@ pub trait Task: Send + Sync {
             Answer::Final(reference) => extract_answer(completion).as_deref() == Some(reference.as_str()),
         }
     }
+
+    /// What RL maximises for `completion`: by default 1 when [`Task::evaluate`] passes it, else 0
+    /// (the original's GSM8K reward); a task may grade more finely.
+    fn reward(&self, example: &Example, completion: &str) -> f64 {
+        f64::from(u8::from(self.evaluate(example, completion)))
+    }
 }
 
 /// Fails with a clear message when `index` is past the end of a task.

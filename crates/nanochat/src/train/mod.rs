@@ -1,9 +1,11 @@
-//! Training stages (`base`: pretraining; `mid`: midtraining; `sft`: supervised finetuning) and the
-//! pieces every stage shares: a gradient-accumulated optimizer step, validation bits per byte,
-//! greedy samples, the loss EMA, the metrics log, and loading the previous stage's checkpoint.
+//! Training stages (`base`: pretraining; `mid`: midtraining; `sft`: supervised finetuning; `rl`:
+//! reinforcement learning on GSM8K) and the pieces every stage shares: a gradient-accumulated
+//! optimizer step, validation bits per byte, greedy samples, the loss EMA, the metrics log, and
+//! loading the previous stage's checkpoint.
 
 pub mod base;
 pub mod mid;
+pub mod rl;
 pub mod sft;
 
 use std::io::Write;
@@ -51,15 +53,7 @@ pub fn forward_backward(
         let (x, y) = micro?;
         let loss = model.forward(&x, Some(&y))?;
         loss_sum += f64::from(loss.to_scalar::<f32>()?);
-        let step_grads = (loss / accum_steps as f64)?.backward()?;
-        for var in vars {
-            let Some(g) = step_grads.get(var) else { continue };
-            let sum = match grads.remove(var) {
-                Some(acc) => (acc + g)?,
-                None => g.clone(),
-            };
-            grads.insert(var, sum);
-        }
+        accumulate_grads(&mut grads, vars, &(loss / accum_steps as f64)?)?;
         seen += 1;
     }
     if seen != accum_steps {
@@ -196,6 +190,21 @@ pub fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
     writeln!(file, "{value}").with_context(|| format!("appending to {}", path.display()))
+}
+
+/// Backpropagates `loss` and adds the gradients of `vars` to `grads`, dropping the rest (so that
+/// memory holds one micro-batch's intermediate gradients at a time).
+pub fn accumulate_grads(grads: &mut GradStore, vars: &[Var], loss: &Tensor) -> Result<()> {
+    let step_grads = loss.backward()?;
+    for var in vars {
+        let Some(g) = step_grads.get(var) else { continue };
+        let sum = match grads.remove(var) {
+            Some(acc) => (acc + g)?,
+            None => g.clone(),
+        };
+        grads.insert(var, sum);
+    }
+    Ok(())
 }
 
 /// One optimizer step: forward and backward over `accum_steps` micro-batches, gradient clipping

@@ -99,7 +99,7 @@ pub fn run(cmd: SftCommand) -> Result<()> {
         Source::Mid => "run `nanochat mid train` first, or pass `--source base` to finetune the base model",
         Source::Base => "run `nanochat base train` first",
         Source::Sft => "run `nanochat sft train` first",
-        Source::Rl => "this version has no RL stage: pick another --source",
+        Source::Rl => "run `nanochat rl train` first",
     };
     let (init, tag) = super::load_stage_checkpoint(
         args.source,
