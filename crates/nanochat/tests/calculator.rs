@@ -1,5 +1,6 @@
 //! The calculator against the original's recorded results (shared fixture), against CPython
-//! answers recorded here, at its limits, and against an independent i128 evaluator.
+//! answers recorded here, at its limits, against an independent i128 evaluator, and fuzzed with
+//! arbitrary bytes.
 
 use nanochat::calculator::{calculate, MAX_INPUT_BYTES};
 use num_bigint::BigUint;
@@ -552,6 +553,58 @@ proptest! {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Whether `input` lies inside the calculator's grammar as an independent, coarse oracle reads it:
+/// at most the length limit; then, commas dropped, either only arithmetic characters and no `**`,
+/// or the shape `'text'.count('x')` over the allowed characters (spaces between tokens allowed).
+fn inside_the_grammar(input: &str) -> bool {
+    if input.len() > MAX_INPUT_BYTES {
+        return false;
+    }
+    let expr = input.replace(',', "");
+    if expr.bytes().all(|b| b"0123456789*+-/.() ".contains(&b)) {
+        return !expr.contains("**");
+    }
+    let literal = r#"(?:'[A-Za-z0-9 ._()"]*'|"[A-Za-z0-9 ._()']*")"#;
+    let count = format!(r"^ *{literal} *\. *count *\( *{literal} *\) *$");
+    fancy_regex::Regex::new(&count).unwrap().is_match(&expr).unwrap()
+}
+
+/// Bytes drawn mostly from the characters one branch of the calculator reacts to (arithmetic, or
+/// string counting), so that fuzzing reaches deep into both, mixed with arbitrary bytes.
+fn calculator_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let from = |alphabet: &'static [u8]| {
+        let byte = prop_oneof![20 => prop::sample::select(alphabet.to_vec()), 1 => any::<u8>()];
+        prop::collection::vec(byte, 0..1200)
+    };
+    prop_oneof![from(b"0123456789+-*/.() ,"), from(b" '\".count()ab_x.imp")]
+}
+
+#[test]
+fn the_fuzz_oracle_tells_the_grammar_apart() {
+    for inside in ["1+2", "(3.5*-2)//1,000", "'abc'.count('a')", "\"a b\".count( 'b' ) "] {
+        assert!(inside_the_grammar(inside), "{inside}");
+        assert!(calculate(inside).is_some(), "{inside}");
+    }
+    for outside in ["2**8", "__import__('os')", "'a'.upper()", "x+1", "'a'.count('a');1"] {
+        assert!(!inside_the_grammar(outside), "{outside}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #[test]
+    fn arbitrary_bytes_never_panic_hang_or_escape_the_grammar(bytes in calculator_bytes()) {
+        let input = String::from_utf8_lossy(&bytes);
+        let start = std::time::Instant::now();
+        let result = calculate(&input);
+        let elapsed = start.elapsed();
+        prop_assert!(elapsed.as_millis() < 500, "{:?} took {:?}", input, elapsed);
+        if result.is_some() {
+            prop_assert!(inside_the_grammar(&input), "evaluated input outside the grammar: {:?}", input);
         }
     }
 }

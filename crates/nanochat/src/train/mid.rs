@@ -104,8 +104,27 @@ pub fn run(cmd: MidCommand) -> Result<()> {
     )?;
     let (train_task, val_task) = mid_mixture(&args.stage, args.val_fraction)?;
     let out_dir = Source::Mid.checkpoints_dir().join(&tag);
+    let start = std::time::Instant::now();
     let report = train(&args, &tokenizer, train_task.as_ref(), val_task.as_ref(), &base, &out_dir)?;
     let bpb = report.val_bpb.map_or_else(|| "not evaluated".to_string(), |b| format!("{b:.4}"));
+    let first_loss = report.losses.first().copied().unwrap_or(f64::NAN);
+    let last_loss = report.losses.last().copied().unwrap_or(f64::NAN);
+    let markdown = format!(
+        "- started from: base/{tag} step {}\n- mixture: {} ({} conversations)\n- steps: {} of {} tokens\n\
+         - training loss: {first_loss:.4} at the first step, {last_loss:.4} at the last\n\
+         - validation bpb: {bpb}\n- throughput: {:.0} tokens/s\n",
+        base.meta.step,
+        train_task.name(),
+        train_task.len(),
+        report.num_iterations,
+        args.total_batch_size,
+        report.tokens_per_sec
+    );
+    let metrics = json!({
+        "seconds": start.elapsed().as_secs_f64(), "steps": report.num_iterations, "val_bpb": report.val_bpb,
+        "first_loss": first_loss, "last_loss": last_loss, "tokens_per_sec": report.tokens_per_sec,
+    });
+    crate::report::write_section("mid_train", &markdown, metrics)?;
     println!(
         "done: {} steps, {:.0} tokens/s, validation bpb {bpb}; checkpoints in {}",
         report.num_iterations,

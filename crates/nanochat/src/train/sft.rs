@@ -111,7 +111,26 @@ pub fn run(cmd: SftCommand) -> Result<()> {
     )?;
     let (train_task, val_task) = sft_mixture(&args.stage)?;
     let out_dir = Source::Sft.checkpoints_dir().join(&tag);
+    let start = std::time::Instant::now();
     let report = train(&args, &tokenizer, train_task.as_ref(), val_task.as_ref(), &init, &out_dir)?;
+    let first_loss = report.losses.first().copied().unwrap_or(f64::NAN);
+    let last_loss = report.losses.last().copied().unwrap_or(f64::NAN);
+    let markdown = format!(
+        "- started from: {:?}/{tag} step {}\n- mixture: {} conversations\n- steps: {} of {} conversations\n\
+         - training loss: {first_loss:.4} at the first step, {last_loss:.4} at the last\n\
+         - validation loss: {:.4}\n",
+        args.source,
+        init.meta.step,
+        train_task.len(),
+        report.num_iterations,
+        args.target_examples_per_step,
+        report.val_loss
+    );
+    let metrics = json!({
+        "seconds": start.elapsed().as_secs_f64(), "steps": report.num_iterations, "val_loss": report.val_loss,
+        "first_loss": first_loss, "last_loss": last_loss,
+    });
+    crate::report::write_section("sft_train", &markdown, metrics)?;
     println!(
         "done: {} steps, validation loss {:.4}; checkpoint in {}",
         report.num_iterations,
