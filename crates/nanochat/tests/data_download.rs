@@ -234,3 +234,51 @@ fn the_download_command_takes_shards_from_a_mirror() {
     run(cmd).unwrap();
     assert_eq!(files(dest.path()), ["shard_00000.parquet", "shard_00001.parquet"]);
 }
+
+/// A zip archive of `(name, bytes)` files.
+fn zip_bytes(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default();
+    for (name, bytes) in files {
+        zip.start_file(*name, options).unwrap();
+        zip.write_all(bytes).unwrap();
+    }
+    zip.finish().unwrap().into_inner()
+}
+
+#[test]
+fn the_core_eval_bundle_downloads_unpacks_and_loads() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/eval/eval_bundle");
+    let read = |name: &str| std::fs::read(shared.join(name)).unwrap();
+    let (yaml, csv) = (read("core.yaml"), read("eval_meta_data.csv"));
+    let good = zip_bytes(&[("eval_bundle/core.yaml", &yaml), ("eval_bundle/eval_meta_data.csv", &csv)]);
+    let escaping = zip_bytes(&[("../evil.txt", b"x"), ("core.yaml", &yaml)]);
+    let no_yaml = zip_bytes(&[("eval_bundle/readme.txt", b"hello")]);
+    let server = Server::start(vec![
+        ("/good.zip", vec![Reply::Truncated(good.clone()), Reply::Body(good)]),
+        ("/notzip", vec![Reply::Body(b"<html>not found</html>".to_vec())]),
+        ("/escape.zip", vec![Reply::Body(escaping)]),
+        ("/noyaml.zip", vec![Reply::Body(no_yaml)]),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let url = |path: &str| format!("{}{path}", server.url);
+
+    // A truncated first reply is retried; the top folder is dropped; the bundle then loads.
+    let dir = tmp.path().join("eval_bundle");
+    nanochat::eval::bundle::download(&url("/good.zip"), &dir).unwrap();
+    assert_eq!(server.hits("/good.zip"), 2);
+    let bundle = nanochat::eval::bundle::Bundle::load(&dir).unwrap();
+    assert_eq!(bundle.tasks.len(), 22);
+    assert_eq!(files(tmp.path()), ["eval_bundle"], "no temporary files left");
+
+    // Failures leave nothing behind: not a zip, a path escaping the directory, no core.yaml.
+    for (path, expected) in
+        [("/notzip", "not a zip archive"), ("/escape.zip", "unsafe path"), ("/noyaml.zip", "no core.yaml")]
+    {
+        let dir = tmp.path().join("other");
+        let err = nanochat::eval::bundle::download(&url(path), &dir).unwrap_err();
+        assert!(format!("{err:#}").contains(expected), "{path}: {err:#}");
+        assert_eq!(files(tmp.path()), ["eval_bundle"], "{path} left files behind");
+    }
+    assert!(!tmp.path().join("evil.txt").exists() && !Path::new("../evil.txt").exists());
+}

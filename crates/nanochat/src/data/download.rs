@@ -1,5 +1,6 @@
 //! Fetching shards into the shard directory: over HTTP from the Hugging Face dataset (or any
-//! server with the same file names), or from a local mirror by hard link or copy.
+//! server with the same file names), or from a local mirror by hard link or copy. The HTTP part
+//! ([`fetch_file`]) also serves the other downloads, such as the CORE eval bundle.
 //!
 //! A shard only ever appears under its final name complete: downloads go to a hidden `.part`
 //! file that is checked (length, parquet footer) before it is renamed, and removed on failure.
@@ -44,14 +45,7 @@ pub struct DownloadOptions {
 /// Every shard is attempted even if some fail; the error then names each failure.
 pub fn download(opts: &DownloadOptions) -> Result<usize> {
     std::fs::create_dir_all(&opts.dir).with_context(|| format!("creating shard directory {}", opts.dir.display()))?;
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(30)))
-        .timeout_recv_response(Some(Duration::from_secs(60)))
-        // A stalled connection must fail (and be retried) rather than hang the download.
-        .timeout_per_read(Some(Duration::from_secs(60)))
-        .build()
-        .into();
+    let agent = http_agent();
     let bar = progress_bar(opts.shards.len() as u64, "download");
     let next = AtomicUsize::new(0);
     let fetched = AtomicUsize::new(0);
@@ -64,7 +58,7 @@ pub fn download(opts: &DownloadOptions) -> Result<usize> {
                     let dest = opts.dir.join(&name);
                     if !is_valid_shard(&dest) {
                         let url = format!("{}/{name}", opts.base_url.trim_end_matches('/'));
-                        match fetch_with_retries(&agent, &url, &dest, opts) {
+                        match fetch_file(&agent, &url, &dest, opts.attempts, opts.backoff, &check_shard) {
                             Ok(()) => {
                                 fetched.fetch_add(1, Ordering::Relaxed);
                             }
@@ -108,12 +102,39 @@ enum Failure {
     Permanent(String),
 }
 
-fn fetch_with_retries(agent: &ureq::Agent, url: &str, dest: &Path, opts: &DownloadOptions) -> Result<()> {
+/// The HTTP client downloads use: statuses are handled by the caller, and a stalled connection
+/// fails (and is retried) rather than hanging the download.
+pub fn http_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(30)))
+        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .timeout_per_read(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+fn check_shard(path: &Path) -> Result<()> {
+    Shard::open(path).map(|_| ()).context("the downloaded file is not a usable shard")
+}
+
+/// Downloads `url` to `dest`, which appears only complete and accepted by `validate`: the bytes go
+/// to a hidden `.part` file first. Network errors, HTTP 5xx, 408 and 429, short bodies and files
+/// `validate` rejects are retried up to `attempts` times, waiting `backoff`, doubled each time.
+pub fn fetch_file(
+    agent: &ureq::Agent,
+    url: &str,
+    dest: &Path,
+    attempts: u32,
+    backoff: Duration,
+    validate: &dyn Fn(&Path) -> Result<()>,
+) -> Result<()> {
     let part = part_path(dest);
-    let mut delay = opts.backoff;
-    let attempts = opts.attempts.max(1);
+    let mut delay = backoff;
+    let attempts = attempts.max(1);
     for attempt in 1..=attempts {
-        let result = fetch_once(agent, url, &part);
+        let result = fetch_once(agent, url, &part)
+            .and_then(|()| validate(&part).map_err(|e| Failure::Transient(format!("{e:#}"))));
         if result.is_err() {
             let _ = std::fs::remove_file(&part);
         }
@@ -146,7 +167,7 @@ fn fetch_once(agent: &ureq::Agent, url: &str, part: &Path) -> Result<(), Failure
         return Err(if status.is_server_error() || code == 408 || code == 429 {
             Failure::Transient(msg)
         } else {
-            Failure::Permanent(format!("{msg}: no such shard at this URL"))
+            Failure::Permanent(format!("{msg}: no such file at this URL"))
         });
     }
     let expected: Option<u64> =
@@ -158,9 +179,6 @@ fn fetch_once(agent: &ureq::Agent, url: &str, part: &Path) -> Result<(), Failure
         return Err(Failure::Transient(format!("got {written} of {expected} bytes")));
     }
     file.flush().and_then(|()| file.sync_all()).map_err(|e| transient(&e))?;
-    if let Err(e) = Shard::open(part) {
-        return Err(Failure::Transient(format!("downloaded file is not a usable shard: {e:#}")));
-    }
     Ok(())
 }
 

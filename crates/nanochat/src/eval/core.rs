@@ -442,6 +442,6 @@ pub fn evaluate_core(
             tokenizer.vocab_size()
         );
     }
-    let bundle = Bundle::load(bundle_dir)?;
+    let bundle = Bundle::load_or_download(bundle_dir)?;
     evaluate_bundle(model, tokenizer, &bundle, max_per_task)
 }
