@@ -16,6 +16,7 @@ pub mod model;
 pub mod optim;
 pub mod report;
 pub mod serve;
+pub mod speedrun;
 pub mod tasks;
 pub mod tok;
 pub mod tokenizer;

@@ -40,10 +40,23 @@ enum Command {
     Serve(nanochat::serve::ServeArgs),
     /// Assemble the report card from the sections the stages wrote into $NANOCHAT_BASE_DIR/report.
     Report,
+    /// The whole pipeline in one command, resumable, from a preset: data, tokenizer, base, mid, SFT, evals, report.
+    Speedrun(nanochat::speedrun::SpeedrunArgs),
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    execute(Cli::parse().command)
+}
+
+/// Parses a speedrun stage's command line with this parser, so that a preset runs the very
+/// commands a user would type, with all their options.
+fn parse_stage(argv: &[String]) -> Result<nanochat::speedrun::StageCommand> {
+    let cli = Cli::try_parse_from(std::iter::once("nanochat").chain(argv.iter().map(String::as_str)))?;
+    Ok(Box::new(move || execute(cli.command)))
+}
+
+fn execute(command: Command) -> Result<()> {
+    match command {
         Command::Tok(cmd) => nanochat::tok::run(cmd),
         Command::Data(cmd) => nanochat::data::cli::run(cmd),
         Command::Base(cmd) => nanochat::train::base::run(cmd),
@@ -53,5 +66,6 @@ fn main() -> Result<()> {
         Command::Chat(args) => nanochat::chat_cli::run(args),
         Command::Serve(args) => nanochat::serve::run(args),
         Command::Report => nanochat::report::run(),
+        Command::Speedrun(args) => nanochat::speedrun::run(args, &parse_stage),
     }
 }
