@@ -38,8 +38,9 @@ enum Command {
     Chat(nanochat::chat_cli::ChatArgs),
     /// Web chat: the UI, the streaming API and an OpenAI-compatible API.
     Serve(nanochat::serve::ServeArgs),
-    /// Assemble the report card from the sections the stages wrote into $NANOCHAT_BASE_DIR/report.
-    Report,
+    /// Assemble the report card from the sections the stages wrote into $NANOCHAT_BASE_DIR/report
+    /// (`report reset` starts a new one).
+    Report(nanochat::report::ReportArgs),
     /// The whole pipeline in one command, resumable, from a preset: data, tokenizer, base, mid, SFT, evals, report.
     Speedrun(nanochat::speedrun::SpeedrunArgs),
 }
@@ -65,7 +66,7 @@ fn execute(command: Command) -> Result<()> {
         Command::Rl(cmd) => nanochat::train::rl::run(cmd),
         Command::Chat(args) => nanochat::chat_cli::run(args),
         Command::Serve(args) => nanochat::serve::run(args),
-        Command::Report => nanochat::report::run(),
+        Command::Report(args) => nanochat::report::run(args),
         Command::Speedrun(args) => nanochat::speedrun::run(args, &parse_stage),
     }
 }

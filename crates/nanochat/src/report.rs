@@ -92,10 +92,54 @@ pub fn read_sections(dir: &Path) -> Result<Vec<Section>> {
 }
 
 /// `nanochat report`: assembles the report under `$NANOCHAT_BASE_DIR` and says where it is.
-pub fn run() -> Result<()> {
-    let path = generate(&crate::common::base_dir())?;
-    println!("report written to {}", path.display());
+pub fn run(args: ReportArgs) -> Result<()> {
+    let base = crate::common::base_dir();
+    match args.command {
+        None => {
+            let path = generate(&base)?;
+            println!("report written to {}", path.display());
+        }
+        Some(ReportCommand::Reset) => {
+            let removed = reset(&base.join("report"))?;
+            println!("removed {removed} report files; the stages write their sections again as they run");
+        }
+    }
     Ok(())
+}
+
+/// `nanochat report [reset]`.
+#[derive(clap::Args, Debug)]
+pub struct ReportArgs {
+    #[command(subcommand)]
+    pub command: Option<ReportCommand>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ReportCommand {
+    /// Start a new report: delete the sections, report.md and loss.svg (nothing else).
+    Reset,
+}
+
+/// Deletes what the report is made of in `dir`: the section files, `report.md` and `loss.svg`;
+/// other files are left alone. Returns how many files went.
+pub fn reset(dir: &Path) -> Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let is_section = path.extension().is_some_and(|e| e == "json")
+            && std::fs::read_to_string(&path).is_ok_and(|t| serde_json::from_str::<Section>(&t).is_ok());
+        if is_section || name == "report.md" || name == "loss.svg" {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Assembles `base/report/report.md` (and `loss.svg` beside it when there are loss curves).

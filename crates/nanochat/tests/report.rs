@@ -95,5 +95,21 @@ fn nanochat_report_writes_the_report_or_says_to_run_a_stage_first() -> Result<()
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("report.md"));
     assert!(base.path().join("report/report.md").is_file());
+
+    // `report reset` removes the sections and the assembled report, and nothing else.
+    let keep = base.path().join("report/notes.txt");
+    std::fs::write(&keep, "mine")?;
+    let out = Command::new(env!("CARGO_BIN_EXE_nanochat"))
+        .args(["report", "reset"])
+        .env("NANOCHAT_BASE_DIR", base.path())
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut left: Vec<String> = std::fs::read_dir(base.path().join("report"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    left.sort();
+    assert_eq!(left, ["notes.txt"]);
+    let out = report()?;
+    assert!(!out.status.success(), "no sections after a reset");
     Ok(())
 }
