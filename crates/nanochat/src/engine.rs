@@ -13,6 +13,11 @@
 //!   `<|output_end|>` over the next steps (mask 0, while sampled tokens have mask 1) and fed to the
 //!   model like sampled tokens.
 //!
+//! Two backends run the model ([`Backend`]): on the CPU the native path of `model::decode` (plain
+//! buffers, no per-token allocation, several times faster), elsewhere the candle GPT with its
+//! [`KvCache`]. Both compute the same logits (within float rounding), so the choice does not change
+//! what is generated beyond ties.
+//!
 //! One deliberate difference: the original samples the first token once from the batch-1 prefill and
 //! copies it to every row; here each row samples its own first token from the same logits, so N
 //! samples at temperature > 0 differ from their first token on (at temperature 0 nothing changes).
@@ -25,6 +30,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::calculator::calculate;
+use crate::model::decode::{DecodeCache, DecodeModel};
 use crate::model::{KvCache, GPT};
 
 /// Complete sequences, one per sample, and their masks: what [`Engine::generate_batch`] returns.
@@ -133,16 +139,37 @@ impl RowState {
     }
 }
 
+/// Which implementation of the forward pass generates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `model::decode`: the weights copied into host memory, pure-Rust kernels. The default on the CPU.
+    Native,
+    /// The candle GPT on its own device. The default elsewhere.
+    Candle,
+}
+
 /// A model with its tokenizer, ready to generate.
 pub struct Engine {
     model: GPT,
+    /// The native copy of the model when the backend is [`Backend::Native`].
+    native: Option<DecodeModel>,
     tokenizer: bpe::Tokenizer,
     specials: Specials,
     device: Device,
 }
 
 impl Engine {
+    /// An engine with the backend suited to the model's device: native on the CPU, candle elsewhere.
+    /// The native backend copies the weights now: later changes to the model's parameters (an
+    /// optimizer step) are not seen until a new engine is built, as RL does every step.
     pub fn new(model: GPT, tokenizer: bpe::Tokenizer) -> Result<Self> {
+        let backend = if model.rotary().0.device().is_cpu() { Backend::Native } else { Backend::Candle };
+        Self::with_backend(model, tokenizer, backend)
+    }
+
+    /// An engine on the given backend (benchmarks compare the two; the native one also runs a
+    /// model that lives on a GPU, from a host copy of its weights).
+    pub fn with_backend(model: GPT, tokenizer: bpe::Tokenizer, backend: Backend) -> Result<Self> {
         ensure!(
             tokenizer.vocab_size() <= model.config().vocab_size,
             "the tokenizer has {} ids but the model only {}: they do not belong together",
@@ -151,11 +178,29 @@ impl Engine {
         );
         let specials = Specials::from_tokenizer(&tokenizer)?;
         let device = model.rotary().0.device().clone();
-        Ok(Self { model, tokenizer, specials, device })
+        let native = match backend {
+            Backend::Native => Some(DecodeModel::from_gpt(&model)?),
+            Backend::Candle => None,
+        };
+        Ok(Self { model, native, tokenizer, specials, device })
     }
 
     pub fn model(&self) -> &GPT {
         &self.model
+    }
+
+    /// The native model, when the backend is [`Backend::Native`]: the server decodes the replies
+    /// of several requests through it together.
+    pub fn native(&self) -> Option<&DecodeModel> {
+        self.native.as_ref()
+    }
+
+    pub fn backend(&self) -> Backend {
+        if self.native.is_some() {
+            Backend::Native
+        } else {
+            Backend::Candle
+        }
     }
 
     pub fn tokenizer(&self) -> &bpe::Tokenizer {
@@ -197,11 +242,26 @@ impl Engine {
             prompt.len(),
             opts.max_tokens
         );
-        let mut cache = KvCache::with_capacity(self.model.config().n_layer, capacity);
-        let ids = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
-        let logits = self.model.forward_cached_last(&ids, &mut cache)?.i((0, 0))?.to_dtype(DType::F32)?.to_vec1()?;
-        // one sample decodes in the prefill cache itself; more get a copy each
-        let cache = if opts.num_samples == 1 { cache } else { cache.expand_batch(opts.num_samples)? };
+        let (cache, logits) = match &self.native {
+            Some(native) => {
+                // prefill slot 0, then every other sample starts from a copy of it
+                let mut cache = native.new_cache(opts.num_samples, capacity)?;
+                let logits = native.prefill(&mut cache, 0, prompt)?.to_vec();
+                for slot in 1..opts.num_samples {
+                    cache.copy_slot(0, slot)?;
+                }
+                (Cache::Native(Box::new(cache)), logits)
+            }
+            None => {
+                let mut cache = KvCache::with_capacity(self.model.config().n_layer, capacity);
+                let ids = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
+                let logits =
+                    self.model.forward_cached_last(&ids, &mut cache)?.i((0, 0))?.to_dtype(DType::F32)?.to_vec1()?;
+                // one sample decodes in the prefill cache itself; more get a copy each
+                let cache = if opts.num_samples == 1 { cache } else { cache.expand_batch(opts.num_samples)? };
+                (Cache::Candle(cache), logits)
+            }
+        };
         Ok(Generation {
             engine: self,
             opts: opts.clone(),
@@ -243,13 +303,20 @@ impl Engine {
     }
 }
 
+/// The key/value state of a generation, one kind per backend.
+enum Cache {
+    /// Boxed: it holds the scratch buffers inline, several times the candle cache's size.
+    Native(Box<DecodeCache>),
+    Candle(KvCache),
+}
+
 /// A running generation: an iterator of steps, `(token column, mask column)`. After an error it
 /// ends.
 pub struct Generation<'a> {
     engine: &'a Engine,
     opts: GenerateOptions,
     rng: StdRng,
-    cache: KvCache,
+    cache: Cache,
     rows: Vec<RowState>,
     /// The batch-1 logits after the prompt, used by the first step.
     prefill_logits: Option<Vec<f32>>,
@@ -266,12 +333,25 @@ impl Generation<'_> {
             Some(logits) => {
                 (0..n).map(|_| sample(&logits, self.opts.temperature, self.opts.top_k, &mut self.rng)).collect()
             }
-            None => {
-                let ids = Tensor::from_vec(self.last_column.clone(), (n, 1), &self.engine.device)?;
-                let logits = self.engine.model.forward_cached(&ids, &mut self.cache)?;
-                let logits = logits.i((.., 0, ..))?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                logits.iter().map(|row| sample(row, self.opts.temperature, self.opts.top_k, &mut self.rng)).collect()
-            }
+            None => match (&mut self.cache, &self.engine.native) {
+                (Cache::Native(cache), Some(native)) => {
+                    let rows: Vec<(usize, u32)> = self.last_column.iter().copied().enumerate().collect();
+                    let logits = native.step(cache, &rows)?;
+                    let (temperature, top_k) = (self.opts.temperature, self.opts.top_k);
+                    let vocab = native.config().vocab_size;
+                    logits.chunks_exact(vocab).map(|row| sample(row, temperature, top_k, &mut self.rng)).collect()
+                }
+                (Cache::Candle(cache), _) => {
+                    let ids = Tensor::from_vec(self.last_column.clone(), (n, 1), &self.engine.device)?;
+                    let logits = self.engine.model.forward_cached(&ids, cache)?;
+                    let logits = logits.i((.., 0, ..))?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                    logits
+                        .iter()
+                        .map(|row| sample(row, self.opts.temperature, self.opts.top_k, &mut self.rng))
+                        .collect()
+                }
+                (Cache::Native(_), None) => bail!("a native cache without the native model"),
+            },
         };
         let (specials, tokenizer) = (&self.engine.specials, &self.engine.tokenizer);
         let (column, masks): (Vec<u32>, Vec<u8>) =

@@ -4,6 +4,7 @@
 //! format, pretraining data, the model and its optimizers, training stages, the inference engine,
 //! evaluation, serving and the report.
 
+pub mod bench;
 pub mod calculator;
 pub mod chat_cli;
 pub mod checkpoint;

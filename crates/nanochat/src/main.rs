@@ -38,6 +38,9 @@ enum Command {
     Chat(nanochat::chat_cli::ChatArgs),
     /// Web chat: the UI, the streaming API and an OpenAI-compatible API.
     Serve(nanochat::serve::ServeArgs),
+    /// Measure training and inference throughput on this machine.
+    #[command(subcommand)]
+    Bench(nanochat::bench::BenchCommand),
     /// Assemble the report card from the sections the stages wrote into $NANOCHAT_BASE_DIR/report
     /// (`report reset` starts a new one).
     Report(nanochat::report::ReportArgs),
@@ -66,6 +69,7 @@ fn execute(command: Command) -> Result<()> {
         Command::Rl(cmd) => nanochat::train::rl::run(cmd),
         Command::Chat(args) => nanochat::chat_cli::run(args),
         Command::Serve(args) => nanochat::serve::run(args),
+        Command::Bench(cmd) => nanochat::bench::run(cmd),
         Command::Report(args) => nanochat::report::run(args),
         Command::Speedrun(args) => nanochat::speedrun::run(args, &parse_stage),
     }

@@ -16,8 +16,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use common::*;
+use nanochat::engine::GenerateOptions;
+use nanochat::serve::workers::{Event, Pool};
 use nanochat::serve::{Server, ServerConfig};
 use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
 
 #[test]
 fn native_stream_is_the_engine_greedy_reply_byte_for_byte() -> Result<()> {
@@ -206,7 +209,8 @@ fn health_stats_and_ui() -> Result<()> {
 
 #[test]
 fn a_full_queue_is_a_503_and_a_disconnect_frees_the_worker() -> Result<()> {
-    let server = start(vec![endless_engine()?], 1, Duration::from_secs(60))?;
+    let one_at_a_time = ServerConfig { batch: 1, ..config(1, Duration::from_secs(60)) };
+    let server = Server::start("127.0.0.1", 0, vec![endless_engine()?], one_at_a_time)?;
     let addr = server.addr();
     let running = start_endless_stream(addr)?;
     // the second request waits in the queue of one
@@ -364,22 +368,28 @@ fn concurrent_streams_all_complete() -> Result<()> {
 }
 
 /// The load test behind docs/BENCHMARKS.md: `NANOCHAT_LOAD_CLIENTS` (32) streaming clients for
-/// `NANOCHAT_LOAD_SECS` (30) against `NANOCHAT_LOAD_WORKERS` (2) workers of the fixture model.
+/// `NANOCHAT_LOAD_SECS` (30) against `NANOCHAT_LOAD_WORKERS` (2) workers of the fixture model, each
+/// decoding `NANOCHAT_LOAD_BATCH` (8) replies together.
 /// Run it with `cargo test -p nanochat --test serve load_test -- --ignored --nocapture`.
 #[test]
 #[ignore = "a 30 s load test; run it on purpose"]
 fn load_test() -> Result<()> {
     let var = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-    let (clients, secs, workers) =
-        (var("NANOCHAT_LOAD_CLIENTS", 32), var("NANOCHAT_LOAD_SECS", 30), var("NANOCHAT_LOAD_WORKERS", 2));
+    let (clients, secs, workers, batch) = (
+        var("NANOCHAT_LOAD_CLIENTS", 32),
+        var("NANOCHAT_LOAD_SECS", 30),
+        var("NANOCHAT_LOAD_WORKERS", 2),
+        var("NANOCHAT_LOAD_BATCH", 8),
+    );
     let engines = (0..workers).map(|_| fixture_engine()).collect::<Result<Vec<_>>>()?;
-    let server = start(engines, clients, Duration::from_secs(120))?;
+    let config = ServerConfig { batch, ..config(clients, Duration::from_secs(120)) };
+    let server = Server::start("127.0.0.1", 0, engines, config)?;
     let run = load(server.addr(), clients, Duration::from_secs(secs as u64), 64);
     // the server's own count: stream events are text pieces, not always one per token
     let tokens = stats(server.addr())?["tokens_generated"].as_u64().unwrap_or_default();
     server.shutdown()?;
     println!(
-        "{clients} clients, {workers} workers, {:.1} s: {} streams, {} errors, {} tokens, {:.0} tokens/s, \
+        "{clients} clients, {workers} workers × batch {batch}, {:.1} s: {} streams, {} errors, {} tokens, {:.0} tokens/s, \
          time to first token p50 {:.1} ms p99 {:.1} ms",
         run.elapsed.as_secs_f64(),
         run.streams,
@@ -445,5 +455,80 @@ fn the_ui_works_in_a_real_browser() -> Result<()> {
     assert_eq!(seen["replies"].as_array().map(Vec::len), Some(1), "{seen}");
     let after = wait_for(server.addr(), Duration::from_secs(20), |s| s["busy"] == 0)?;
     assert!(after["tokens_generated"].as_u64().unwrap_or(u64::MAX) < 600, "{after}");
+    server.shutdown()
+}
+
+/// Replies of `n` requests submitted at once to a pool of one worker generating `batch` together:
+/// each reply's text and the largest batch the worker decoded.
+fn pool_replies(batch: usize, prompts: &[Vec<u32>], opts: &[GenerateOptions]) -> Result<(Vec<String>, u64)> {
+    let pool = Pool::start(vec![fixture_engine()?], batch, prompts.len(), Duration::from_secs(60))?;
+    let receivers = prompts
+        .iter()
+        .zip(opts)
+        .map(|(p, o)| pool.submit(p.clone(), o.clone()).map_err(|_| anyhow::anyhow!("busy")))
+        .collect::<Result<Vec<_>>>()?;
+    let mut replies = Vec::new();
+    for mut rx in receivers {
+        let mut text = String::new();
+        loop {
+            match rx.blocking_recv().context("the stream ended without Done")? {
+                Event::Text { text: piece, .. } => text.push_str(&piece),
+                Event::Done { .. } => break,
+                Event::Error(e) => anyhow::bail!(e),
+            }
+        }
+        replies.push(text);
+    }
+    let peak = pool.stats().peak_batch.load(Ordering::SeqCst) as u64;
+    pool.shutdown();
+    Ok((replies, peak))
+}
+
+#[test]
+fn batched_replies_are_the_engine_replies_whatever_they_are_batched_with() -> Result<()> {
+    let engine = fixture_engine()?;
+    let questions = ["Hello there", "What is 2+2?", "Tell me a story", "Why is the sky blue?", "Hi", "Count to ten"];
+    let prompts: Vec<Vec<u32>> =
+        questions.iter().map(|q| greedy(&engine, q, 1).map(|(p, _, _)| p)).collect::<Result<_>>()?;
+    // sampled replies of different lengths, each with its own seed, one greedy
+    let opts: Vec<GenerateOptions> = (0..prompts.len())
+        .map(|i| GenerateOptions {
+            num_samples: 1,
+            max_tokens: 20 + 7 * i,
+            temperature: if i == 2 { 0.0 } else { 1.0 },
+            top_k: if i % 2 == 0 { Some(50) } else { None },
+            seed: 1000 + i as u64,
+        })
+        .collect();
+    let expected: Vec<String> =
+        prompts.iter().zip(&opts).map(|(p, o)| reply_text(&engine, p, o).map(|r| r.0)).collect::<Result<_>>()?;
+    let (batched, peak) = pool_replies(4, &prompts, &opts)?;
+    assert_eq!(batched, expected, "batched replies differ from the engine's");
+    assert!(peak >= 2, "the worker never decoded two replies together (peak {peak})");
+    assert!(peak <= 4, "more replies than slots in one step (peak {peak})");
+    let (single, peak) = pool_replies(1, &prompts, &opts)?;
+    assert_eq!(single, expected);
+    assert_eq!(peak, 1);
+    Ok(())
+}
+
+#[test]
+fn admission_is_bounded_by_slots_plus_queue() -> Result<()> {
+    // one worker decoding 2 replies together, 1 more waiting: the 4th concurrent request is refused
+    let config = ServerConfig { batch: 2, max_tokens: 600, ..config(1, Duration::from_secs(60)) };
+    let server = Server::start("127.0.0.1", 0, vec![endless_engine()?], config)?;
+    let addr = server.addr();
+    let mut streams = (0..2).map(|_| start_endless_stream(addr)).collect::<Result<Vec<_>>>()?;
+    let long = json!({"messages": [{"role": "user", "content": "go"}], "temperature": 0, "max_tokens": 4096});
+    streams.push(send(addr, "POST", "/chat/completions", Some("application/json"), long.to_string().as_bytes())?);
+    wait_for(addr, Duration::from_secs(10), |s| s["busy"] == 2 && s["queued"] == 1)?;
+    let health = get(addr, "/health")?.json()?;
+    assert_eq!(health["available_workers"], 0, "{health}");
+    let body = json!({"messages": [{"role": "user", "content": "go"}], "max_tokens": 5});
+    assert_eq!(post_json(addr, "/chat/completions", &body)?.status, 503);
+    drop(streams);
+    let after = wait_for(addr, Duration::from_secs(20), |s| s["busy"] == 0 && s["queued"] == 0)?;
+    assert_eq!(after["peak_batch"], 2, "{after}");
+    assert_eq!(get(addr, "/health")?.json()?["available_workers"], 1);
     server.shutdown()
 }

@@ -367,6 +367,23 @@ impl GPT {
         (&self.cos, &self.sin)
     }
 
+    /// Every weight by its original name, in [`GPTConfig::param_shapes`] order: for inference
+    /// paths that keep their own copy of the weights (`model::decode`).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("transformer.wte.weight".to_string(), self.wte.embeddings().clone())];
+        for (i, b) in self.blocks.iter().enumerate() {
+            let h = format!("transformer.h.{i}");
+            out.push((format!("{h}.attn.c_q.weight"), b.attn.c_q.weight().clone()));
+            out.push((format!("{h}.attn.c_k.weight"), b.attn.c_k.weight().clone()));
+            out.push((format!("{h}.attn.c_v.weight"), b.attn.c_v.weight().clone()));
+            out.push((format!("{h}.attn.c_proj.weight"), b.attn.c_proj.weight().clone()));
+            out.push((format!("{h}.mlp.c_fc.weight"), b.mlp.c_fc.weight().clone()));
+            out.push((format!("{h}.mlp.c_proj.weight"), b.mlp.c_proj.weight().clone()));
+        }
+        out.push(("lm_head.weight".to_string(), self.lm_head.weight().clone()));
+        out
+    }
+
     /// `idx` (B, T) of token ids. Without targets: softcapped logits (B, T, V). With targets
     /// (B, T), -1 = ignore: the mean cross-entropy, a scalar.
     pub fn forward(&self, idx: &Tensor, targets: Option<&Tensor>) -> Result<Tensor> {

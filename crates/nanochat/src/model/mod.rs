@@ -2,6 +2,7 @@
 //! (`kv_cache`), the differentiable building blocks it is made of (`ops`) and fused CPU kernels
 //! that replace some of them (`fused`).
 
+pub mod decode;
 pub mod fused;
 pub mod gpt;
 pub mod kv_cache;

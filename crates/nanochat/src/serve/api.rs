@@ -53,8 +53,8 @@ pub async fn ui() -> Html<&'static str> {
 
 pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let workers = state.pool.workers();
-    let busy = state.pool.stats().busy.load(Ordering::SeqCst);
-    Json(json!({"status": "ok", "ready": true, "workers": workers, "available_workers": workers.saturating_sub(busy)}))
+    let full = state.pool.stats().full_workers.load(Ordering::SeqCst);
+    Json(json!({"status": "ok", "ready": true, "workers": workers, "available_workers": workers.saturating_sub(full)}))
         .into_response()
 }
 
@@ -62,7 +62,9 @@ pub async fn stats(State(state): State<Arc<AppState>>) -> Response {
     let s = state.pool.stats();
     Json(json!({
         "workers": state.pool.workers(),
+        "batch": state.pool.batch(),
         "busy": s.busy.load(Ordering::SeqCst),
+        "peak_batch": s.peak_batch.load(Ordering::SeqCst),
         "queued": s.queued.load(Ordering::SeqCst),
         "queue_capacity": state.pool.queue_capacity(),
         "requests_served": s.requests_served.load(Ordering::SeqCst),
@@ -100,8 +102,10 @@ pub(crate) fn rejection_status(rejection: &JsonRejection) -> (StatusCode, String
 /// The 503 of a full server.
 pub(crate) fn busy_message(state: &AppState) -> String {
     format!(
-        "the server is busy: all {} workers are generating and {} requests are already waiting; retry in a moment",
+        "the server is busy: all {} workers are generating {} replies each and {} requests are already waiting; \
+         retry in a moment",
         state.pool.workers(),
+        state.pool.batch(),
         state.pool.queue_capacity()
     )
 }

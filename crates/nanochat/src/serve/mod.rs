@@ -4,6 +4,8 @@
 //! - `POST /chat/completions`, `GET /health`, `GET /stats`: the original's API ([`api`]);
 //! - `POST /v1/chat/completions`, `GET /v1/models`: an OpenAI-compatible API ([`openai`]).
 //!
+//! Throughput: each worker decodes up to `--batch` replies together (continuous batching).
+//!
 //! Safety under load: a bounded queue in front of the workers (503 when full), a time limit per
 //! request, request bodies capped at 1 MB, every malformed request answered with a 4xx and a
 //! message, generation cancelled when the client disconnects, and a graceful shutdown on
@@ -60,7 +62,10 @@ pub struct ServeArgs {
     /// Model workers, each with its own copy of the model, generating in parallel.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
-    /// Requests that may wait for a free worker; more get HTTP 503.
+    /// Replies each worker generates together (continuous batching); 1 = one at a time.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Requests that may wait for a free slot; more get HTTP 503.
     #[arg(long, default_value_t = 32)]
     pub queue: usize,
     /// Longest time one request may take, waiting included, in seconds.
@@ -82,6 +87,8 @@ pub struct ServeArgs {
 pub struct ServerConfig {
     /// The model's name in the OpenAI API.
     pub model_id: String,
+    /// Replies each worker generates together.
+    pub batch: usize,
     pub queue: usize,
     pub time_limit: Duration,
     pub temperature: f64,
@@ -117,7 +124,7 @@ impl Server {
             .with_context(|| format!("listening on {host}:{port}: pick another --port or stop what uses it"))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let pool = Pool::start(engines, config.queue, config.time_limit)?;
+        let pool = Pool::start(engines, config.batch, config.queue, config.time_limit)?;
         let state = Arc::new(AppState { pool, config, tokenizer, max_positions });
         let (stop, stopped) = oneshot::channel();
         let thread = std::thread::Builder::new()
@@ -220,6 +227,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let source = format!("{:?}", args.source).to_lowercase();
     let config = ServerConfig {
         model_id: format!("nanochat-{source}-{}", args.model_tag.as_deref().unwrap_or("default")),
+        batch: args.batch,
         queue: args.queue,
         time_limit: Duration::from_secs(args.time_limit),
         temperature: args.temperature,
@@ -227,7 +235,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_tokens: args.max_tokens,
     };
     let server = Server::start(&args.host, args.port, engines, config)?;
-    println!("nanochat serving on http://{} ({} workers); Ctrl-C to stop", server.addr(), args.workers);
+    println!(
+        "nanochat serving on http://{} ({} workers, up to {} replies each); Ctrl-C to stop",
+        server.addr(),
+        args.workers,
+        args.batch
+    );
     server.wait()
 }
 

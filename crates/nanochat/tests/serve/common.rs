@@ -37,12 +37,20 @@ pub fn fixture_engine() -> Result<Engine> {
 
 /// Large enough that each token costs real time, all zeros so greedy decoding never stops.
 pub fn endless_engine() -> Result<Engine> {
-    let config = GPTConfig { sequence_len: 64, vocab_size: 1024, n_layer: 6, n_head: 4, n_kv_head: 4, n_embd: 512 };
+    let config = GPTConfig { sequence_len: 512, vocab_size: 1024, n_layer: 6, n_head: 4, n_kv_head: 4, n_embd: 512 };
     Engine::new(GPT::new(&config, VarBuilder::zeros(DType::F32, &Device::Cpu))?, tokenizer()?)
 }
 
 pub fn config(queue: usize, time_limit: Duration) -> ServerConfig {
-    ServerConfig { model_id: "nanochat-test".into(), queue, time_limit, temperature: 0.0, top_k: 50, max_tokens: 16 }
+    ServerConfig {
+        model_id: "nanochat-test".into(),
+        batch: 4,
+        queue,
+        time_limit,
+        temperature: 0.0,
+        top_k: 50,
+        max_tokens: 16,
+    }
 }
 
 pub fn start(engines: Vec<Engine>, queue: usize, time_limit: Duration) -> Result<Server> {
@@ -139,9 +147,16 @@ pub fn greedy(engine: &Engine, question: &str, max_tokens: usize) -> Result<(Vec
     ]
     .concat();
     let opts = GenerateOptions { num_samples: 1, max_tokens, temperature: 0.0, top_k: None, seed: 0 };
+    let (reply, count) = reply_text(engine, &prompt, &opts)?;
+    Ok((prompt, reply, count))
+}
+
+/// The reply the engine generates on its own for `prompt`, as the server streams it, and its
+/// number of tokens.
+pub fn reply_text(engine: &Engine, prompt: &[u32], opts: &GenerateOptions) -> Result<(String, usize)> {
     let mut text = ReplyText::new(engine);
     let (mut reply, mut count) = (String::new(), 0);
-    for step in engine.generate(&prompt, &opts)? {
+    for step in engine.generate(prompt, opts)? {
         let token = step?.0[0];
         if engine.specials().is_stop(token) {
             break;
@@ -150,7 +165,7 @@ pub fn greedy(engine: &Engine, question: &str, max_tokens: usize) -> Result<(Vec
         reply.push_str(&text.push(token));
     }
     reply.push_str(&text.finish());
-    Ok((prompt, reply, count))
+    Ok((reply, count))
 }
 
 /// Splits an SSE body into its `data: ` payloads, checking the framing.
@@ -163,7 +178,7 @@ pub fn sse_events(body: &str) -> Result<Vec<&str>> {
 
 /// Starts a streaming request to the endless model and waits until its first token arrives.
 pub fn start_endless_stream(addr: SocketAddr) -> Result<TcpStream> {
-    let body = json!({"messages": [{"role": "user", "content": "go"}], "temperature": 0, "max_tokens": 600});
+    let body = json!({"messages": [{"role": "user", "content": "go"}], "temperature": 0, "max_tokens": 4096});
     let mut stream = send(addr, "POST", "/chat/completions", Some("application/json"), body.to_string().as_bytes())?;
     let mut seen = Vec::new();
     let mut buf = [0u8; 1024];

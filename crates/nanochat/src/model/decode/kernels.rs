@@ -1,0 +1,398 @@
+//! The CPU kernels of the native inference path ([`super::DecodeModel`]): `x · Wᵀ` for a few rows
+//! (decode) or many (prefill), attention of one query over a cached sequence, RMSNorm, rotary and
+//! softcap, all on plain `f32` slices.
+//!
+//! Decoding is memory-bound: each step reads every weight once. So the few-row kernel walks the
+//! weight matrix once, row by row, and multiplies each weight row (streamed from memory) with every
+//! activation row (which stay in L1), split over output rows with rayon. AVX2 + FMA versions are
+//! chosen at run time (the build targets baseline x86-64); other CPUs get portable loops.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+/// From this many activation rows on, [`linear`] hands the product to the `gemm` crate, whose
+/// packed, cache-blocked kernels win once every weight is reused many times (prefill).
+const GEMM_MIN_ROWS: usize = 16;
+/// Below this many multiply-adds a kernel runs on the calling thread: rayon's fork-join costs a few
+/// microseconds, as much as a small matrix-vector product.
+const PAR_MIN_MACS: usize = 1 << 17;
+/// Keys scored at once by [`attend`]: the scores of one block live on the stack.
+const KEY_BLOCK: usize = 64;
+
+/// A pointer to an output buffer that parallel tasks write at disjoint indices.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every user hands each task a disjoint set of indices of a buffer that outlives the tasks.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `out (n × m) = x (n × k) · wᵀ` where `w (m × k)` is row-major like torch's `Linear.weight`;
+/// with `accumulate` the product is added to `out` (the residual stream) instead.
+pub fn linear(x: &[f32], n: usize, k: usize, w: &[f32], m: usize, out: &mut [f32], accumulate: bool) {
+    debug_assert!(x.len() >= n * k && w.len() >= m * k && out.len() >= n * m);
+    if n == 0 || m == 0 {
+        return;
+    }
+    if n >= GEMM_MIN_ROWS {
+        let parallelism = if n * m * k >= PAR_MIN_MACS { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+        // SAFETY: the strides describe x (n × k) and out (n × m) row-major and wᵀ (k × m) as the
+        // column-major view of w (m × k); the asserts above keep every access in bounds.
+        unsafe {
+            gemm::gemm(
+                n,
+                m,
+                k,
+                out.as_mut_ptr(),
+                1,
+                m as isize,
+                accumulate,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        return;
+    }
+    let avx = has_avx2_fma();
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let work = move |rows: Range<usize>| {
+        let out_ptr = out_ptr;
+        let write = |i: usize, j: usize, d: f32| {
+            // SAFETY: (i, j) is in bounds, and only the task owning output column j writes it.
+            unsafe {
+                let o = out_ptr.0.add(i * m + j);
+                *o = if accumulate { *o + d } else { d };
+            }
+        };
+        // two weight rows at a time against up to four activation rows: eight independent
+        // accumulators keep both FMA units busy, and each weight is loaded once per group
+        let mut j = rows.start;
+        while j < rows.end {
+            let pair = j + 1 < rows.end;
+            let w0 = &w[j * k..(j + 1) * k];
+            let w1 = if pair { &w[(j + 1) * k..(j + 2) * k] } else { w0 };
+            let mut i = 0;
+            while i < n {
+                let g = (n - i).min(4);
+                let dots = if g == 1 {
+                    let xi = &x[i * k..(i + 1) * k];
+                    [[dot(w0, xi, avx), 0.0, 0.0, 0.0], [if pair { dot(w1, xi, avx) } else { 0.0 }, 0.0, 0.0, 0.0]]
+                } else {
+                    // a short group repeats its last row; the surplus results are dropped
+                    let xs: [&[f32]; 4] = std::array::from_fn(|r| {
+                        let row = i + r.min(g - 1);
+                        &x[row * k..(row + 1) * k]
+                    });
+                    dot2x4(w0, w1, xs, avx)
+                };
+                for (r, (&d0, &d1)) in dots[0].iter().zip(&dots[1]).enumerate().take(g) {
+                    write(i + r, j, d0);
+                    if pair {
+                        write(i + r, j + 1, d1);
+                    }
+                }
+                i += g;
+            }
+            j += 2;
+        }
+    };
+    if n * m * k < PAR_MIN_MACS {
+        work(0..m);
+    } else {
+        // a few blocks per thread so that a slower core does not hold up the step
+        let block = m.div_ceil(4 * rayon::current_num_threads()).max(8);
+        (0..m.div_ceil(block)).into_par_iter().for_each(|b| work(b * block..((b + 1) * block).min(m)));
+    }
+}
+
+/// Dot product of two equal-length slices.
+pub fn dot(a: &[f32], b: &[f32], avx: bool) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx {
+        // SAFETY: the caller checked that the CPU has AVX2 and FMA.
+        return unsafe { avx2::dot(a, b) };
+    }
+    let _ = avx;
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Dot products of two weight rows with four activation rows, reading the weights once.
+fn dot2x4(w0: &[f32], w1: &[f32], xs: [&[f32]; 4], avx: bool) -> [[f32; 4]; 2] {
+    #[cfg(target_arch = "x86_64")]
+    if avx {
+        // SAFETY: the caller checked that the CPU has AVX2 and FMA.
+        return unsafe { avx2::dot2x4(w0, w1, xs) };
+    }
+    [std::array::from_fn(|r| dot(w0, xs[r], avx)), std::array::from_fn(|r| dot(w1, xs[r], avx))]
+}
+
+/// `y += a * x`.
+fn axpy(y: &mut [f32], a: f32, x: &[f32], avx: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx {
+        // SAFETY: the caller checked that the CPU has AVX2 and FMA.
+        return unsafe { avx2::axpy(y, a, x) };
+    }
+    let _ = avx;
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// Four independent accumulators hide the FMA latency.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let k = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= k {
+            for (u, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8 * u)), _mm256_loadu_ps(pb.add(i + 8 * u)), *a);
+            }
+            i += 32;
+        }
+        while i + 8 <= k {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+        while i < k {
+            s += a[i] * b[i];
+            i += 1;
+        }
+        s
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot2x4(w0: &[f32], w1: &[f32], xs: [&[f32]; 4]) -> [[f32; 4]; 2] {
+        let k = w0.len();
+        let (p0, p1) = (w0.as_ptr(), w1.as_ptr());
+        let px = xs.map(|x| x.as_ptr());
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut b = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 8 <= k {
+            let (v0, v1) = (_mm256_loadu_ps(p0.add(i)), _mm256_loadu_ps(p1.add(i)));
+            for r in 0..4 {
+                let xv = _mm256_loadu_ps(px[r].add(i));
+                a[r] = _mm256_fmadd_ps(v0, xv, a[r]);
+                b[r] = _mm256_fmadd_ps(v1, xv, b[r]);
+            }
+            i += 8;
+        }
+        let mut out = [a.map(|v| hsum(v)), b.map(|v| hsum(v))];
+        while i < k {
+            for r in 0..4 {
+                out[0][r] += w0[i] * xs[r][i];
+                out[1][r] += w1[i] * xs[r][i];
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// The portable loop, compiled with AVX2 enabled so that it vectorises 8 wide.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softcap(x: &mut [f32], cap: f32) {
+        super::softcap_portable(x, cap)
+    }
+
+    /// A plain loop: compiled with AVX2 enabled, it vectorises 8 wide.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
+    }
+}
+
+/// Parameter-free RMSNorm of one row, `x / sqrt(mean(x²) + eps)` with eps = `f32::EPSILON`,
+/// written to `out` (which may be `x` itself through [`rms_norm_in_place`]).
+pub fn rms_norm(x: &[f32], out: &mut [f32]) {
+    let inv = inv_rms(x);
+    out.iter_mut().zip(x).for_each(|(o, v)| *o = v * inv);
+}
+
+pub fn rms_norm_in_place(x: &mut [f32]) {
+    let inv = inv_rms(x);
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+fn inv_rms(x: &[f32]) -> f32 {
+    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (mean + f32::EPSILON).sqrt()
+}
+
+/// Rotates the two halves of one head `x` by the position whose table rows are `cos`, `sin`.
+pub fn rotary(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    let (x1, x2) = x.split_at_mut(half);
+    for i in 0..half {
+        let (a, b) = (x1[i], x2[i]);
+        x1[i] = a * cos[i] + b * sin[i];
+        x2[i] = b * cos[i] - a * sin[i];
+    }
+}
+
+/// `cap * tanh(x / cap)` over every element, in parallel for large buffers. libm's `tanhf` costs
+/// ~20 ns, which over a 32k vocabulary is a sizeable part of a decode step; [`tanh`] is a
+/// branch-free version that vectorises (within ~1e-7 of `tanhf`).
+pub fn softcap(x: &mut [f32], cap: f32) {
+    let avx = has_avx2_fma();
+    let f = move |c: &mut [f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if avx {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { avx2::softcap(c, cap) };
+        }
+        let _ = avx;
+        softcap_portable(c, cap);
+    };
+    if x.len() < 1 << 14 {
+        f(x);
+    } else {
+        x.par_chunks_mut(4096).for_each(f);
+    }
+}
+
+#[inline(always)]
+fn softcap_portable(x: &mut [f32], cap: f32) {
+    let inv = 1.0 / cap;
+    x.iter_mut().for_each(|v| *v = cap * tanh(*v * inv));
+}
+
+/// tanh(x) = sign(x) · (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1], so nothing overflows.
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    let e = exp_nonpositive(-2.0 * x.abs());
+    let t = ((1.0 - e) / (1.0 + e)).copysign(x);
+    // NaN stays NaN, as with tanhf (a select, so the loop still vectorises)
+    if x.is_nan() {
+        x
+    } else {
+        t
+    }
+}
+
+/// exp(x) for x <= 0 (Cephes' `expf`: x = n·ln 2 + r, a degree-5 polynomial for exp(r), then the
+/// exponent bits set to n), without branches so that loops over it vectorise. Below -87 it
+/// returns ~exp(-87) instead of 0, which changes nothing in `tanh`.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.max(-87.0);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Softmax attention of one query head `q` over the first `len` keys and values of a cached
+/// sequence (`keys`, `values`: positions × head_dim, contiguous), written to `out` (head_dim).
+/// Scores are taken a block at a time with a running maximum (as flash attention does), so no
+/// buffer grows with the sequence.
+pub fn attend(q: &[f32], keys: &[f32], values: &[f32], len: usize, scale: f32, out: &mut [f32], avx: bool) {
+    let hd = q.len();
+    out.fill(0.0);
+    let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+    let mut scores = [0.0f32; KEY_BLOCK];
+    let mut start = 0;
+    while start < len {
+        let b = (len - start).min(KEY_BLOCK);
+        let mut block_max = f32::NEG_INFINITY;
+        for (j, s) in scores.iter_mut().enumerate().take(b) {
+            let p = start + j;
+            *s = dot(q, &keys[p * hd..(p + 1) * hd], avx) * scale;
+            block_max = block_max.max(*s);
+        }
+        let new_max = max.max(block_max);
+        if new_max > max && sum > 0.0 {
+            let correction = (max - new_max).exp();
+            sum *= correction;
+            out.iter_mut().for_each(|o| *o *= correction);
+        }
+        max = new_max;
+        for (j, &s) in scores.iter().enumerate().take(b) {
+            let p = (s - max).exp();
+            sum += p;
+            let pos = start + j;
+            axpy(out, p, &values[pos * hd..(pos + 1) * hd], avx);
+        }
+        start += b;
+    }
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
+/// Whether the CPU runs the AVX2 kernels: looked up once per layer call and passed down.
+pub fn simd() -> bool {
+    has_avx2_fma()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_tanh_matches_libm() {
+        let mut worst = 0.0f32;
+        for i in -200_000..=200_000 {
+            let x = i as f32 * 1e-4 * (1.0 + (i as f32).abs() * 1e-5);
+            worst = worst.max((tanh(x) - x.tanh()).abs());
+        }
+        assert!(worst < 3e-7, "max |tanh - tanhf| = {worst}");
+        assert_eq!(tanh(0.0), 0.0);
+        assert_eq!(tanh(1e30), 1.0);
+        assert_eq!(tanh(-1e30), -1.0);
+        assert!(tanh(f32::NAN).is_nan());
+        let mut v: Vec<f32> = (0..20_000).map(|i| (i as f32 - 10_000.0) * 0.01).collect();
+        let want: Vec<f32> = v.iter().map(|x| 15.0 * (x / 15.0).tanh()).collect();
+        softcap(&mut v, 15.0);
+        assert!(v.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
+    }
+}
