@@ -284,6 +284,9 @@ fn sft_loss_is_the_mean_over_supervised_tokens_and_ignores_masked_targets() {
     }
     let (supervised_42, _) = loss_of(&rendered);
     assert_ne!(with_42, supervised_42);
+    // A micro-batch whose every target is masked (a user turn cut at the context) has loss 0, not NaN.
+    let all_masked: Vec<_> = rendered.iter().map(|(ids, mask)| (ids.clone(), vec![0u8; mask.len()])).collect();
+    assert_eq!(loss_of(&all_masked).0, 0.0);
 }
 
 /// Prompts from the identity conversations, rewarded by the share of vowels among the letters of

@@ -166,11 +166,27 @@ fn linear(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<
 type Trace = Vec<(String, Tensor)>;
 
 /// What every attention layer of one forward pass shares: the rotary rows of the chunk's
-/// positions and the additive mask (None for a single query, which sees every key).
+/// positions, the additive mask (None for a single query, which sees every key, and on the fused
+/// path, whose kernel masks by itself), and whether to run the fused CPU kernels.
 struct AttnContext {
     cos: Tensor,
     sin: Tensor,
     mask: Option<Tensor>,
+    fused: bool,
+}
+
+/// Whether `x` takes the fused CPU kernels of `fused/` (f32 on the CPU, unless switched off).
+fn use_fused(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && fused::enabled()
+}
+
+/// RMSNorm, fused on the CPU.
+fn norm(x: &Tensor) -> Result<Tensor> {
+    if use_fused(x) {
+        fused::rms_norm(x)
+    } else {
+        rms_norm(x)
+    }
 }
 
 struct CausalSelfAttention {
@@ -206,6 +222,14 @@ impl CausalSelfAttention {
         let q = self.c_q.forward(x)?.reshape((b, t, h, hd))?;
         let k = self.c_k.forward(x)?.reshape((b, t, hkv, hd))?;
         let v = self.c_v.forward(x)?.reshape((b, t, hkv, hd))?;
+        if ctx.fused && cache.is_none() {
+            // Fused kernels in the projections' (B, T, heads, D) layout: no transposes, no (T x T)
+            // intermediates. The cached path (a prefix of past keys) keeps the composition below.
+            let q = fused::rope_qk_norm(&q, &ctx.cos, &ctx.sin)?;
+            let k = fused::rope_qk_norm(&k, &ctx.cos, &ctx.sin)?;
+            let y = fused::causal_attention(&q, &k, &v)?.reshape((b, t, c))?;
+            return self.c_proj.forward(&y);
+        }
         // rotary, then QK-norm, then heads first: q (B, H, T, D), k and v (B, Hkv, T, D)
         let q = rms_norm(&apply_rotary(&q, &ctx.cos, &ctx.sin)?)?;
         let k = rms_norm(&apply_rotary(&k, &ctx.cos, &ctx.sin)?)?;
@@ -251,7 +275,9 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // (B, T, C) -> (B, T, 4C) -> relu² -> (B, T, C)
-        self.c_proj.forward(&self.c_fc.forward(x)?.relu()?.sqr()?)
+        let h = self.c_fc.forward(x)?;
+        let h = if use_fused(&h) { fused::relu_squared(&h)? } else { h.relu()?.sqr()? };
+        self.c_proj.forward(&h)
     }
 }
 
@@ -269,9 +295,9 @@ impl Block {
         cache: Option<&mut KvCache>,
         trace: Option<&mut Trace>,
     ) -> Result<Tensor> {
-        let attn_out = self.attn.forward(&rms_norm(x)?, ctx, cache)?;
+        let attn_out = self.attn.forward(&norm(x)?, ctx, cache)?;
         let x = (x + &attn_out)?;
-        let mlp_out = self.mlp.forward(&rms_norm(&x)?)?;
+        let mlp_out = self.mlp.forward(&norm(&x)?)?;
         let x = (x + &mlp_out)?;
         if let Some(trace) = trace {
             trace.push((format!("h.{i}.attn_out"), attn_out));
@@ -397,18 +423,23 @@ impl GPT {
     pub fn loss(&self, idx: &Tensor, targets: &Tensor, reduction: Reduction) -> Result<Tensor> {
         let x = self.trunk(idx, None, None)?;
         let targets = targets.flatten_all()?; // (B*T,)
-        let losses = if x.device().is_cpu() {
-            // The fused kernel softcaps and scores in one pass per row (see `fused.rs`).
-            let raw = self.lm_head.forward(&x)?;
-            let v = raw.dim(D::Minus1)?;
-            fused::softcap_cross_entropy(&raw.reshape(((), v))?, &targets, SOFTCAP as f32)?
+        let losses = if use_fused(&x) {
+            // Projection, softcap and scoring in one op with one logits buffer reused from step to
+            // step (see `fused/lm_head.rs`).
+            let c = x.dim(D::Minus1)?;
+            fused::lm_head_cross_entropy(&x.reshape(((), c))?, self.lm_head.weight(), &targets, SOFTCAP as f32)?
         } else {
             let logits = self.logits(&x)?;
             let v = logits.dim(D::Minus1)?;
             cross_entropy_per_token(&logits.reshape(((), v))?, &targets)?.0
         };
         match reduction {
-            Reduction::Mean => losses.sum_all()?.div(&targets.ge(0i64)?.to_dtype(losses.dtype())?.sum_all()?),
+            // A batch whose every target is ignored (an SFT micro-batch of user turns cut at the
+            // context) has loss 0 and no gradient rather than 0/0 = NaN, which would poison the step.
+            Reduction::Mean => {
+                let count = targets.ge(0i64)?.to_dtype(losses.dtype())?.sum_all()?.maximum(1.0)?;
+                losses.sum_all()?.div(&count)
+            }
             Reduction::PerToken => Ok(losses),
         }
     }
@@ -451,19 +482,26 @@ impl GPT {
                 self.cos.dim(0)?
             );
         }
+        let x = self.wte.forward(idx)?;
+        let fused = use_fused(&x);
         let ctx = AttnContext {
             cos: self.cos.narrow(0, t0, t)?,
             sin: self.sin.narrow(0, t0, t)?,
-            mask: if t > 1 { Some(attention_mask(t, t0 + t, idx.device())?) } else { None },
+            mask: if t > 1 && !(fused && cache.is_none()) {
+                Some(attention_mask(t, t0 + t, idx.device())?)
+            } else {
+                None
+            },
+            fused,
         };
-        let mut x = rms_norm(&self.wte.forward(idx)?)?; // (B, T, C)
+        let mut x = norm(&x)?; // (B, T, C)
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward(i, &x, &ctx, cache.as_deref_mut(), trace.as_deref_mut())?;
         }
         if let Some(cache) = cache {
             cache.advance(t);
         }
-        rms_norm(&x)
+        norm(&x)
     }
 
     /// (B, T, C) -> softcapped logits (B, T, V).

@@ -1,7 +1,8 @@
 //! The element-wise and reduction building blocks of the GPT, written as compositions of candle
 //! primitives so that autodiff works: candle 0.11's fused `rms_norm`, `softmax_last_dim` and `rope`
-//! have no backward on the CPU. Fused kernels with hand-written backwards can replace these later;
-//! the parity tests pin the numbers they must reproduce.
+//! have no backward on the CPU. For f32 on the CPU the model uses the fused kernels of `fused/`
+//! (hand-written backwards) instead; these compositions remain the reference they are tested
+//! against, and the path of the other devices and of the KV cache.
 
 use candle_core::{DType, Result, Tensor, D};
 

@@ -27,10 +27,7 @@ struct SoftcapCrossEntropy {
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("softcap_cross_entropy: {what} must be contiguous f32"),
-    }
+    super::f32_slice(s, l, "softcap_cross_entropy", what)
 }
 
 fn i64_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [i64]> {

@@ -1,0 +1,182 @@
+//! Fused lm_head projection + softcap + cross-entropy, forward and backward, on the CPU.
+//!
+//! The (tokens × vocab) logits are by far the largest tensor of a training step (537 MB at 4,096
+//! tokens and a 32k vocabulary). Through candle, the forward allocates them, and the backward
+//! allocates their gradient and hands both to two more GEMMs: two fresh half-gigabyte buffers per
+//! step, each zeroed page by page by the kernel. Here the forward writes the logits into one buffer
+//! kept from step to step, scores each row, and overwrites the row in place with the row's
+//! gradient for a unit upstream gradient, `G = (softmax(z) − onehot(t)) ⊙ (1 − (z/c)²)` with
+//! `z = c tanh(logits / c)`. The backward only scales: with g the per-token upstream gradient,
+//! dx = diag(g) G W and dW = Gᵀ diag(g) x, so G is never rescaled, and the buffer goes back to the
+//! pool for the next step.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{f32_slice, gemm_parallel, simd, Mat};
+
+/// The logits buffer of the last step, kept for the next one (one at most: training needs one).
+static POOL: Mutex<Option<Vec<f32>>> = Mutex::new(None);
+
+/// A buffer of exactly `n` values (contents unspecified), from the pool when it is large enough.
+fn take_buffer(n: usize) -> Vec<f32> {
+    let pooled = POOL.lock().ok().and_then(|mut p| p.take());
+    match pooled {
+        Some(mut buf) if buf.capacity() >= n => {
+            buf.resize(n, 0.0);
+            buf.truncate(n);
+            buf
+        }
+        _ => vec![0f32; n],
+    }
+}
+
+fn return_buffer(buf: Vec<f32>) {
+    if let Ok(mut p) = POOL.lock() {
+        *p = Some(buf);
+    }
+}
+
+/// Per-token softcapped cross-entropy of `x (N, C) · wᵀ` with `w (V, C)` the lm_head weight,
+/// against `targets (N,)` (-1 = ignored, loss 0). Returns the losses (N,).
+pub fn lm_head_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, cap: f32) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    let targets = targets.to_dtype(DType::I64)?.contiguous()?;
+    x.apply_op3(&w, &targets, LmHeadCrossEntropy { cap, grad: Mutex::new(None) })
+}
+
+struct LmHeadCrossEntropy {
+    cap: f32,
+    /// G (N × V) from the forward, consumed by the backward.
+    grad: Mutex<Option<Vec<f32>>>,
+}
+
+impl Drop for LmHeadCrossEntropy {
+    fn drop(&mut self) {
+        // A forward without backward (evaluation) still hands its buffer back.
+        if let Ok(mut g) = self.grad.lock() {
+            if let Some(buf) = g.take() {
+                return_buffer(buf);
+            }
+        }
+    }
+}
+
+fn lock_err<T>(e: std::sync::PoisonError<T>) -> candle_core::Error {
+    candle_core::Error::Msg(format!("lm_head_cross_entropy: lock poisoned: {e}"))
+}
+
+/// (N, C, V) of the operands, checked.
+fn dims(x: &Shape, w: &Shape, t: &Shape) -> Result<(usize, usize, usize)> {
+    let (n, c) = x.dims2()?;
+    let (v, cw) = w.dims2()?;
+    if cw != c || t.dims1()? != n || v == 0 {
+        candle_core::bail!("lm_head_cross_entropy: x {x:?}, weight {w:?} and targets {t:?} do not fit");
+    }
+    Ok((n, c, v))
+}
+
+impl CustomOp3 for LmHeadCrossEntropy {
+    fn name(&self) -> &'static str {
+        "lm-head-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, v) = dims(l1.shape(), l2.shape(), l3.shape())?;
+        let op = "lm_head_cross_entropy";
+        let (x, w) = (f32_slice(s1, l1, op, "x")?, f32_slice(s2, l2, op, "weight")?);
+        let targets = match (s3, l3.contiguous_offsets()) {
+            (CpuStorage::I64(t), Some((a, b))) => &t[a..b],
+            _ => candle_core::bail!("{op}: targets must be contiguous i64"),
+        };
+        let classes = targets
+            .iter()
+            .map(|&t| match t {
+                -1 => Ok(None),
+                t if (0..v as i64).contains(&t) => Ok(Some(t as usize)),
+                t => candle_core::bail!("{op}: target {t} outside the vocabulary of {v}"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut buf = take_buffer(n * v);
+        gemm_parallel(n, v, c, &mut buf, v, Mat { data: x, rs: c, cs: 1 }, Mat { data: w, rs: 1, cs: c }, 1.0)?;
+        let cap = self.cap;
+        let mut losses = vec![0f32; n];
+        buf.par_chunks_mut(v).zip(losses.par_iter_mut()).zip(classes.par_iter()).for_each(|((row, loss), t)| {
+            let Some(t) = *t else {
+                row.fill(0.0);
+                return;
+            };
+            // z = c tanh(logit / c) in place, the loss, then z -> G in place
+            let max = simd::softcap_max(row, cap);
+            let zt = row[t];
+            let lse = max + simd::sum_exp(row, max).ln();
+            *loss = lse - zt;
+            simd::softcap_ce_grad(row, lse, cap);
+            let th = zt / cap;
+            row[t] -= 1.0 - th * th;
+        });
+        *self.grad.lock().map_err(lock_err)? = Some(buf);
+        Ok((CpuStorage::F32(losses), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, v) = dims(x.shape(), w.shape(), targets.shape())?;
+        let Some(g_buf) = self.grad.lock().map_err(lock_err)?.take() else {
+            candle_core::bail!("lm_head_cross_entropy: backward ran twice or before the forward");
+        };
+        let data = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+        let (xv, wv, g) = (data(x)?, data(w)?, data(grad_res)?);
+        let result = (|| -> Result<(Vec<f32>, Vec<f32>)> {
+            // dx = diag(g) (G W)
+            let mut dx = vec![0f32; n * c];
+            gemm_parallel(
+                n,
+                c,
+                v,
+                &mut dx,
+                c,
+                Mat { data: &g_buf, rs: v, cs: 1 },
+                Mat { data: &wv, rs: c, cs: 1 },
+                1.0,
+            )?;
+            dx.par_chunks_mut(c).zip(g.par_iter()).for_each(|(row, &gi)| row.iter_mut().for_each(|d| *d *= gi));
+            // dW = Gᵀ (diag(g) x)
+            let mut xs = xv;
+            xs.par_chunks_mut(c).zip(g.par_iter()).for_each(|(row, &gi)| row.iter_mut().for_each(|d| *d *= gi));
+            let mut dw = vec![0f32; v * c];
+            gemm_parallel(
+                v,
+                c,
+                n,
+                &mut dw,
+                c,
+                Mat { data: &g_buf, rs: 1, cs: v },
+                Mat { data: &xs, rs: c, cs: 1 },
+                1.0,
+            )?;
+            Ok((dx, dw))
+        })();
+        return_buffer(g_buf);
+        let (dx, dw) = result?;
+        let dev = x.device();
+        Ok((Some(Tensor::from_vec(dx, (n, c), dev)?), Some(Tensor::from_vec(dw, (v, c), dev)?), None))
+    }
+}

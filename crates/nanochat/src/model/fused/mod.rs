@@ -1,0 +1,150 @@
+//! Fused CPU kernels with hand-written backwards, as candle custom ops, that replace the
+//! compositions of candle primitives in `ops.rs` when the model runs on the CPU. Composed, each
+//! of these materialises several full-size temporaries through single-threaded element-wise
+//! kernels; fused, each is one or two passes in parallel over rows (see `docs/PROFILE.md` for the
+//! measurements that motivated each one).
+//!
+//! - `attention`: causal self-attention with GQA (blocked, exact softmax, recomputing backward)
+//! - `norm`: parameter-free RMSNorm
+//! - `rope`: rotary embedding + QK-norm
+//! - `relu2`: the MLP's ReLU²
+//! - `cross_entropy`: softcap + cross-entropy over the vocabulary
+//! - `lm_head`: the lm_head projection fused with softcap + cross-entropy (one reused logits buffer)
+
+mod attention;
+mod cross_entropy;
+mod lm_head;
+mod norm;
+mod relu2;
+mod rope;
+mod simd;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{CpuStorage, Layout, Result};
+
+pub use attention::causal_attention;
+pub use cross_entropy::softcap_cross_entropy;
+pub use lm_head::lm_head_cross_entropy;
+pub use norm::rms_norm;
+pub use relu2::relu_squared;
+pub use rope::rope_qk_norm;
+
+/// Whether the model uses the fused kernels on the CPU (on by default). Off, it runs the unfused
+/// candle composition: for benchmarks (`nanochat bench train --unfused`) and for debugging.
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused kernels on or off for every model in this process.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels are on (see [`set_enabled`]).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// A read-only matrix view for [`gemm`]: element (i, j) at `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// `dst (m x n, row stride dst_rs) = [dst +] scale * a (m x k) · b (k x n)` on the calling thread
+/// (the kernels parallelise over heads or rows themselves, so nested GEMM threads would only
+/// oversubscribe the two cores). Bounds are checked here, before the raw-pointer call.
+#[allow(clippy::too_many_arguments)] // the BLAS shape: sizes, operands, scale, accumulate
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    accumulate: bool,
+) -> Result<()> {
+    gemm_with(m, n, k, dst, dst_rs, a, b, scale, accumulate, gemm::Parallelism::None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            (0..m).for_each(|i| dst[i * dst_rs..i * dst_rs + n].fill(0.0));
+        }
+        return Ok(());
+    }
+    let end = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs + 1;
+    if end(m, dst_rs, n, 1) > dst.len() || end(m, a.rs, k, a.cs) > a.data.len() || end(k, b.rs, n, b.cs) > b.data.len()
+    {
+        candle_core::bail!("fused gemm: operands too small for a {m}x{k} by {k}x{n} product");
+    }
+    // SAFETY: every index the product touches was checked to lie inside its slice above, and `dst`
+    // is borrowed mutably so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    Ok(())
+}
+
+/// `dst (m x n, row stride dst_rs) = scale * a · b` on all of rayon's threads, for the big
+/// products that are not already inside a parallel loop.
+#[allow(clippy::too_many_arguments)] // the BLAS shape: sizes, operands, scale
+pub(crate) fn gemm_parallel(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+) -> Result<()> {
+    gemm_with(m, n, k, dst, dst_rs, a, b, scale, false, gemm::Parallelism::Rayon(rayon::current_num_threads()))
+}
+
+/// The contiguous f32 data of a CPU tensor, or an error naming the op and the operand.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op}: {what} must be contiguous f32"),
+    }
+}
