@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod common;
 pub mod conversation;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod eval;
 pub mod model;

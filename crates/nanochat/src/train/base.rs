@@ -16,6 +16,14 @@
 //!
 //! A checkpoint at step N holds the state after N optimizer steps, including the data loader's
 //! position and the loss EMA, so `--resume-from-step N` continues as if never interrupted.
+//!
+//! Data-parallel (`mpirun -n W nanochat base train ...`, docs/DISTRIBUTED.md): every rank reads
+//! its own stride of the row groups and runs `total / (device batch × seq len × W)` micro-batches,
+//! the gradients are averaged across ranks before clipping, so a step is the same as one process's
+//! with the same global batch; validation is split across ranks and added up; rank 0 alone logs,
+//! shows progress and writes checkpoints, metrics and the report. A checkpoint keeps rank 0's
+//! loader state in `loader_state` (as a single process does) and, for W > 1, every rank's in
+//! `run_config.loader_states` (indexed by rank), so a run resumes with the same W only.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -27,13 +35,14 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    append_jsonl, batch_tensors, drop_metrics_from, forward_backward, log, sample_completions, validation_bpb, LossEma,
+    append_jsonl, batch_tensors, drop_metrics_from, log, optimizer_step_on, sample_completions, validation_bpb, LossEma,
 };
 use crate::checkpoint::{self, LoopState, Meta};
 use crate::data::dataset::{self, Split};
-use crate::data::loader::{Loader, LoaderConfig, Packing};
+use crate::data::loader::{Loader, LoaderConfig, LoaderState, Packing};
+use crate::dist::{self, broadcast_vars, Communicator, DistMode, SingleProcess};
 use crate::model::{GPTConfig, GPT};
-use crate::optim::{clip_grad_norm, muon_momentum, setup_optimizers, LrSchedule, OptimConfig};
+use crate::optim::{muon_momentum, setup_optimizers, LrSchedule, OptimConfig};
 
 #[derive(Subcommand)]
 pub enum BaseCommand {
@@ -165,6 +174,9 @@ pub struct TrainArgs {
     /// How documents are packed into rows (v0: stream).
     #[arg(long, value_enum, default_value_t = Packing::Stream)]
     pub packing: Packing,
+    /// Data-parallel across processes: auto (MPI when started by mpirun), mpi, or none.
+    #[arg(long, value_enum, default_value_t = DistMode::Auto)]
+    pub dist: DistMode,
 }
 
 impl TrainArgs {
@@ -181,13 +193,19 @@ impl TrainArgs {
         Ok(cfg)
     }
 
-    /// Micro-batches per optimizer step.
+    /// Micro-batches per optimizer step of a single process.
     pub fn grad_accum_steps(&self) -> Result<usize> {
-        let per_pass = self.device_batch_size * self.max_seq_len;
+        self.grad_accum_steps_for(1)
+    }
+
+    /// Micro-batches per optimizer step on each of `world_size` ranks: the global batch stays
+    /// `--total-batch-size` whatever the number of ranks.
+    pub fn grad_accum_steps_for(&self, world_size: usize) -> Result<usize> {
+        let per_pass = self.device_batch_size * self.max_seq_len * world_size;
         if per_pass == 0 || self.total_batch_size == 0 || self.total_batch_size % per_pass != 0 {
             bail!(
-                "--total-batch-size {} must be a positive multiple of --device-batch-size {} x --max-seq-len {} = \
-                 {per_pass} tokens",
+                "--total-batch-size {} must be a positive multiple of --device-batch-size {} x --max-seq-len {} x \
+                 {world_size} processes = {per_pass} tokens",
                 self.total_batch_size,
                 self.device_batch_size,
                 self.max_seq_len
@@ -212,9 +230,11 @@ impl TrainArgs {
         Ok(steps)
     }
 
-    fn loader_config(&self, dir: &Path, split: Split) -> LoaderConfig {
+    /// The loader of `comm`'s rank: its stride of the row groups.
+    fn loader_config(&self, dir: &Path, split: Split, comm: &dyn Communicator) -> LoaderConfig {
         let mut cfg = LoaderConfig::new(dir.to_path_buf(), split, self.device_batch_size, self.max_seq_len);
         cfg.packing = self.packing;
+        (cfg.rank, cfg.world_size) = (comm.rank(), comm.world_size());
         cfg
     }
 }
@@ -236,10 +256,24 @@ pub struct TrainReport {
 pub fn run(cmd: BaseCommand) -> Result<()> {
     match cmd {
         BaseCommand::Train(args) => {
-            let tokenizer = crate::tokenizer::load()?;
-            let dir = checkpoint::base_checkpoint_dir(args.model_tag.as_deref(), args.depth);
+            let comm = dist::init(args.dist)?;
             let started = Instant::now();
-            let report = train(&args, &tokenizer, &dir)?;
+            let trained = crate::tokenizer::load().and_then(|tokenizer| {
+                let dir = checkpoint::base_checkpoint_dir(args.model_tag.as_deref(), args.depth);
+                Ok((train_on(&args, &tokenizer, &dir, comm.as_ref())?, tokenizer, dir))
+            });
+            let (report, tokenizer, dir) = match trained {
+                Ok(done) => done,
+                // Returning would leave the other ranks waiting for this one in their next collective.
+                Err(e) if comm.world_size() > 1 => {
+                    eprintln!("rank {} of {}: error: {e:#}", comm.rank(), comm.world_size());
+                    comm.abort(1)
+                }
+                Err(e) => return Err(e),
+            };
+            if !comm.is_root() {
+                return Ok(());
+            }
             write_train_section(&args, &tokenizer, &report, started.elapsed().as_secs_f64())?;
             let bpb = report.val_bpb.map_or_else(|| "not evaluated".to_string(), |b| format!("{b:.4}"));
             println!(
@@ -310,7 +344,7 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
     if args.eval.contains(&EvalKind::Bpb) {
         let data_dir = args.data_dir.clone().unwrap_or_else(dataset::data_dir);
         let loader = LoaderConfig::new(data_dir, Split::Val, args.device_batch_size, model.config().sequence_len);
-        let bpb = validation_bpb(&model, &tokenizer, &loader, args.eval_tokens)?;
+        let bpb = validation_bpb(&model, &tokenizer, &loader, args.eval_tokens, &SingleProcess)?;
         println!("{} step {step}: validation bpb {bpb:.4}", dir.display());
         markdown.push_str(&format!("- validation bpb: {bpb:.4}\n"));
         metrics["val_bpb"] = json!(bpb);
@@ -341,15 +375,29 @@ pub fn evaluate_checkpoint(
     let (model, _) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
     let seq_len = model.config().sequence_len;
     let loader = LoaderConfig::new(data_dir.to_path_buf(), Split::Val, batch_size, seq_len);
-    let bpb = validation_bpb(&model, tokenizer, &loader, eval_tokens)?;
+    let bpb = validation_bpb(&model, tokenizer, &loader, eval_tokens, &SingleProcess)?;
     Ok((bpb, sample_completions(&model, tokenizer)?))
 }
 
-/// Runs (or resumes) pretraining as `args` say, with checkpoints and metrics in `out_dir`.
+/// Runs (or resumes) pretraining as `args` say, with checkpoints and metrics in `out_dir`, on the
+/// processes `--dist` finds (one, unless an MPI launcher started this process).
 pub fn train(args: &TrainArgs, tokenizer: &bpe::Tokenizer, out_dir: &Path) -> Result<TrainReport> {
-    let device = Device::cuda_if_available(0)?;
+    let comm = dist::init(args.dist)?;
+    train_on(args, tokenizer, out_dir, comm.as_ref())
+}
+
+/// [`train`] as rank `comm.rank()` of `comm.world_size()`; every rank must call it with the same
+/// options. Every rank returns the same losses; only rank 0 writes anything.
+pub fn train_on(
+    args: &TrainArgs,
+    tokenizer: &bpe::Tokenizer,
+    out_dir: &Path,
+    comm: &dyn Communicator,
+) -> Result<TrainReport> {
+    let (world, root) = (comm.world_size(), comm.is_root());
+    let device = Device::cuda_if_available(dist::local_rank())?;
     let model_config = args.model_config(tokenizer.vocab_size())?;
-    let accum_steps = args.grad_accum_steps()?;
+    let accum_steps = args.grad_accum_steps_for(world)?;
     let num_iterations = args.num_iterations(&model_config)?;
     let data_dir = args.data_dir.clone().unwrap_or_else(dataset::data_dir);
     let fingerprint = tokenizer.fingerprint();
@@ -365,7 +413,9 @@ pub fn train(args: &TrainArgs, tokenizer: &bpe::Tokenizer, out_dir: &Path) -> Re
         warmdown_ratio: args.warmdown_ratio,
         final_lr_frac: args.final_lr_frac,
     };
-    let run_config = json!({ "args": args, "num_iterations": num_iterations, "grad_accum_steps": accum_steps });
+    let run_config = json!({
+        "args": args, "num_iterations": num_iterations, "grad_accum_steps": accum_steps, "world_size": world,
+    });
 
     // The model, its optimizers and the loop state: fresh, or as the checkpoint left them.
     let (model, varmap, mut optimizers, start_step, mut loop_state, mut loader_state) = match args.resume_from_step {
@@ -383,40 +433,52 @@ pub fn train(args: &TrainArgs, tokenizer: &bpe::Tokenizer, out_dir: &Path) -> Re
                     ckpt.meta.model_config
                 );
             }
-            if ckpt.meta.run_config.get("num_iterations") != run_config.get("num_iterations") {
+            if ckpt.meta.run_config.get("num_iterations") != run_config.get("num_iterations") && root {
                 eprintln!("warning: the run had a different horizon; the learning-rate schedule changes from here");
             }
+            let loader_state = rank_loader_state(&ckpt.meta, comm)?;
             let (model, varmap) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
             let mut optimizers = setup_optimizers(&model_config, &varmap, &optim_config)?;
             optimizers.load_state_dict(&ckpt.optim).context("restoring the optimizer state")?;
-            (model, varmap, optimizers, step, ckpt.meta.loop_state, ckpt.meta.loader_state)
+            (model, varmap, optimizers, step, ckpt.meta.loop_state, loader_state)
         }
     };
     if start_step > num_iterations {
         bail!("cannot resume from step {start_step}: the run is only {num_iterations} steps long");
     }
     let vars: Vec<Var> = optimizers.vars().cloned().collect();
+    broadcast_vars(comm, &vars)?;
     let metrics_path = out_dir.join("metrics.jsonl");
-    drop_metrics_from(&metrics_path, start_step)?;
+    if root {
+        drop_metrics_from(&metrics_path, start_step)?;
+    }
     let flops_per_token = model_config.estimate_flops() as f64;
     let tokens_per_step = args.total_batch_size;
 
-    let pb = crate::common::progress_bar(num_iterations as u64, "base train");
+    let pb = if root {
+        crate::common::progress_bar(num_iterations as u64, "base train")
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     pb.set_position(start_step as u64);
-    log(
-        &pb,
-        format!(
-            "model {model_config:?}: {} parameters, {:.3e} FLOPs/token; {num_iterations} steps of {tokens_per_step} \
-         tokens ({accum_steps} micro-batches of {}x{}), {:.2} tokens per parameter",
-            model_config.num_params(),
-            flops_per_token,
-            args.device_batch_size,
-            args.max_seq_len,
-            (num_iterations * tokens_per_step) as f64 / model_config.num_params() as f64,
-        ),
-    );
+    // Only rank 0 speaks: `log` prints even with a hidden bar.
+    let say = |line: String| {
+        if root {
+            log(&pb, line);
+        }
+    };
+    say(format!(
+        "model {model_config:?}: {} parameters, {:.3e} FLOPs/token; {num_iterations} steps of {tokens_per_step} \
+         tokens ({accum_steps} micro-batches of {}x{} on each of {world} processes), {:.2} tokens per parameter",
+        model_config.num_params(),
+        flops_per_token,
+        args.device_batch_size,
+        args.max_seq_len,
+        (num_iterations * tokens_per_step) as f64 / model_config.num_params() as f64,
+    ));
 
-    let mut loader = Loader::new(tokenizer, &args.loader_config(&data_dir, Split::Train), loader_state.as_ref())?;
+    let train_loader = args.loader_config(&data_dir, Split::Train, comm);
+    let mut loader = Loader::new(tokenizer, &train_loader, loader_state.as_ref())?;
     let mut ema = LossEma { value: loop_state.smooth_train_loss };
     let mut losses = Vec::new();
     let mut step = start_step;
@@ -425,26 +487,41 @@ pub fn train(args: &TrainArgs, tokenizer: &bpe::Tokenizer, out_dir: &Path) -> Re
         let last_step = step == num_iterations;
         if args.eval_every > 0 && (last_step || step % args.eval_every == 0) {
             let eval_tokens = args.eval_tokens.unwrap_or(20 * tokens_per_step);
-            let bpb = validation_bpb(&model, tokenizer, &args.loader_config(&data_dir, Split::Val), eval_tokens)?;
+            let val_loader = args.loader_config(&data_dir, Split::Val, comm);
+            let bpb = validation_bpb(&model, tokenizer, &val_loader, eval_tokens, comm)?;
             loop_state.val_bpb = Some(bpb);
             loop_state.min_val_bpb = Some(loop_state.min_val_bpb.map_or(bpb, |m| m.min(bpb)));
-            log(&pb, format!("step {step:05} | validation bpb {bpb:.4}"));
-            append_jsonl(&metrics_path, &json!({ "step": step, "val_bpb": bpb }))?;
+            say(format!("step {step:05} | validation bpb {bpb:.4}"));
+            if root {
+                append_jsonl(&metrics_path, &json!({ "step": step, "val_bpb": bpb }))?;
+            }
         }
-        if args.sample_every > 0 && (last_step || (step > 0 && step % args.sample_every == 0)) {
+        if root && args.sample_every > 0 && (last_step || (step > 0 && step % args.sample_every == 0)) {
             let samples = sample_completions(&model, tokenizer)?;
-            samples.iter().for_each(|s| log(&pb, format!("  {s}")));
+            samples.iter().for_each(|s| say(format!("  {s}")));
             append_jsonl(&metrics_path, &json!({ "step": step, "samples": samples }))?;
         }
         let periodic_save = args.save_every > 0 && step % args.save_every == 0 && step != start_step;
         if last_step || periodic_save {
-            let mut meta = Meta::new(step, model_config.clone(), fingerprint.clone());
-            meta.loop_state = LoopState { smooth_train_loss: ema.value, ..loop_state.clone() };
-            meta.loader_state = loader_state.clone();
-            meta.run_config = run_config.clone();
-            let optim_state = optimizers.state_dict()?;
-            checkpoint::save(out_dir, &checkpoint::varmap_tensors(&varmap)?, Some(&optim_state), &meta)?;
-            log(&pb, format!("step {step:05} | saved checkpoint in {}", out_dir.display()));
+            // Every rank's loader state goes to rank 0, which alone writes.
+            let mine = serde_json::to_vec(&loader_state)?;
+            let states = comm.all_gather_bytes(&mine)?;
+            if root {
+                let mut meta = Meta::new(step, model_config.clone(), fingerprint.clone());
+                meta.loop_state = LoopState { smooth_train_loss: ema.value, ..loop_state.clone() };
+                meta.loader_state = loader_state.clone();
+                meta.run_config = run_config.clone();
+                if world > 1 {
+                    let states: Vec<Option<LoaderState>> =
+                        states.iter().map(|s| serde_json::from_slice(s)).collect::<Result<_, _>>()?;
+                    meta.run_config["loader_states"] = json!(states);
+                }
+                let optim_state = optimizers.state_dict()?;
+                checkpoint::save(out_dir, &checkpoint::varmap_tensors(&varmap)?, Some(&optim_state), &meta)?;
+                say(format!("step {step:05} | saved checkpoint in {}", out_dir.display()));
+            }
+            // No rank runs on (or reports success) before the checkpoint is complete.
+            comm.barrier()?;
         }
         if last_step {
             break;
@@ -456,21 +533,24 @@ pub fn train(args: &TrainArgs, tokenizer: &bpe::Tokenizer, out_dir: &Path) -> Re
             loader_state = Some(b.state.clone());
             batch_tensors(&b, args.device_batch_size, args.max_seq_len, &device)
         });
-        let (loss, mut grads) = forward_backward(&model, &vars, micro_batches, accum_steps)?;
-        if !loss.is_finite() {
-            bail!("the loss is {loss} at step {step}: training diverged; lower the learning rates");
-        }
-        let grad_norm =
-            if args.grad_clip > 0.0 { Some(clip_grad_norm(&vars, &mut grads, args.grad_clip)?) } else { None };
         let lr_multiplier = schedule.multiplier(step);
         let momentum = muon_momentum(step);
-        optimizers.set_lr_multiplier(lr_multiplier);
-        optimizers.set_muon_momentum(momentum);
-        optimizers.step(&grads)?;
+        let stats = optimizer_step_on(
+            comm,
+            &model,
+            &mut optimizers,
+            &vars,
+            micro_batches,
+            accum_steps,
+            args.grad_clip,
+            lr_multiplier,
+            Some(momentum),
+        )
+        .with_context(|| format!("step {step}"))?;
         let dt = t0.elapsed().as_secs_f64();
 
-        let smooth_loss = ema.update(loss, step);
-        losses.push(loss);
+        let smooth_loss = ema.update(stats.loss, step);
+        losses.push(stats.loss);
         loop_state.total_training_time += dt;
         run_time += dt;
         let tokens_per_sec = tokens_per_step as f64 / dt;
@@ -479,19 +559,42 @@ pub fn train(args: &TrainArgs, tokenizer: &bpe::Tokenizer, out_dir: &Path) -> Re
             flops_per_token * tokens_per_sec / 1e12
         ));
         pb.inc(1);
-        append_jsonl(
-            &metrics_path,
-            &json!({
-                "step": step, "loss": loss, "smooth_loss": smooth_loss, "lr_multiplier": lr_multiplier,
-                "muon_momentum": momentum, "grad_norm": grad_norm, "dt": dt, "tokens_per_sec": tokens_per_sec,
-                "flops_per_sec": flops_per_token * tokens_per_sec,
-                "total_training_time": loop_state.total_training_time,
-            }),
-        )?;
+        if root {
+            append_jsonl(
+                &metrics_path,
+                &json!({
+                    "step": step, "loss": stats.loss, "smooth_loss": smooth_loss, "lr_multiplier": lr_multiplier,
+                    "muon_momentum": momentum, "grad_norm": stats.grad_norm, "dt": dt,
+                    "comm_seconds": stats.comm_seconds, "tokens_per_sec": tokens_per_sec,
+                    "flops_per_sec": flops_per_token * tokens_per_sec,
+                    "total_training_time": loop_state.total_training_time,
+                }),
+            )?;
+        }
         step += 1;
     }
     pb.finish();
     let trained_steps = (num_iterations - start_step) as f64;
     let tokens_per_sec = if run_time > 0.0 { trained_steps * tokens_per_step as f64 / run_time } else { 0.0 };
     Ok(TrainReport { start_step, losses, num_iterations, val_bpb: loop_state.val_bpb, tokens_per_sec })
+}
+
+/// This rank's loader state in a checkpoint's meta (see the module docs for the layout); the
+/// checkpoint must come from a run of as many processes.
+fn rank_loader_state(meta: &Meta, comm: &dyn Communicator) -> Result<Option<LoaderState>> {
+    let saved_world = meta.run_config.get("world_size").and_then(serde_json::Value::as_u64).unwrap_or(1);
+    if saved_world != comm.world_size() as u64 {
+        bail!(
+            "the checkpoint of step {} was written by a run of {saved_world} processes but this run has {}: resume \
+             with as many (each rank's data position is saved)",
+            meta.step,
+            comm.world_size()
+        );
+    }
+    if comm.world_size() == 1 {
+        return Ok(meta.loader_state.clone());
+    }
+    let state = meta.run_config.get("loader_states").and_then(|states| states.get(comm.rank()));
+    let state = state.with_context(|| format!("the checkpoint of step {} has no loader state per rank", meta.step))?;
+    serde_json::from_value(state.clone()).context("reading this rank's loader state from the checkpoint")
 }

@@ -1,7 +1,8 @@
 //! Training stages (`base`: pretraining; `mid`: midtraining; `sft`: supervised finetuning; `rl`:
 //! reinforcement learning on GSM8K) and the pieces every stage shares: a gradient-accumulated
-//! optimizer step, validation bits per byte, greedy samples, the loss EMA, the metrics log, and
-//! loading the previous stage's checkpoint.
+//! optimizer step (data-parallel across ranks when given a communicator), validation bits per byte
+//! (split across ranks), greedy samples, the loss EMA, the metrics log, and loading the previous
+//! stage's checkpoint.
 
 pub mod base;
 pub mod mid;
@@ -11,6 +12,7 @@ pub mod sft;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
@@ -21,6 +23,7 @@ use crate::chat_cli::Source;
 use crate::checkpoint::Checkpoint;
 use crate::data::dataset::Split;
 use crate::data::loader::{Batch, Loader, LoaderConfig};
+use crate::dist::{all_reduce_grads, Communicator, SingleProcess};
 use crate::model::{Reduction, GPT};
 use crate::optim::{clip_grad_norm, OptimConfig, Optimizers};
 use crate::tasks::identity::{CustomJson, Identity};
@@ -91,6 +94,15 @@ pub fn evaluate_bpb(
     batches: impl IntoIterator<Item = Result<(Tensor, Tensor)>>,
     token_bytes: &[u32],
 ) -> Result<f64> {
+    bits_per_byte(bpb_sums(model, batches, token_bytes)?)
+}
+
+/// [`bpb_totals`] summed over batches, as `[nats, bytes]` (f64, so that ranks can add them).
+fn bpb_sums(
+    model: &GPT,
+    batches: impl IntoIterator<Item = Result<(Tensor, Tensor)>>,
+    token_bytes: &[u32],
+) -> Result<[f64; 2]> {
     let (mut nats, mut bytes) = (0.0, 0u64);
     for batch in batches {
         let (x, y) = batch?;
@@ -100,27 +112,41 @@ pub fn evaluate_bpb(
         nats += n;
         bytes += b;
     }
-    if bytes == 0 {
+    Ok([nats, bytes as f64])
+}
+
+fn bits_per_byte([nats, bytes]: [f64; 2]) -> Result<f64> {
+    if bytes == 0.0 {
         bail!("no validation bytes to evaluate on: is the validation shard empty?");
     }
-    Ok(nats / (std::f64::consts::LN_2 * bytes as f64))
+    Ok(nats / (std::f64::consts::LN_2 * bytes))
 }
 
 /// Bits per byte on up to `eval_tokens` tokens of the validation split (one pass at most), read
-/// in batches of `batch_size` rows of `seq_len` tokens.
+/// in batches of `batch_size` rows of `seq_len` tokens. With several ranks, each reads its own
+/// stride of the split, an equal share of the tokens, and the totals are added across ranks.
 pub fn validation_bpb(
     model: &GPT,
     tokenizer: &bpe::Tokenizer,
     loader: &LoaderConfig,
     eval_tokens: usize,
+    comm: &dyn Communicator,
 ) -> Result<f64> {
-    let cfg = LoaderConfig { split: Split::Val, epochs: Some(1), ..loader.clone() };
+    let cfg = LoaderConfig {
+        split: Split::Val,
+        epochs: Some(1),
+        rank: comm.rank(),
+        world_size: comm.world_size(),
+        ..loader.clone()
+    };
     let device = model_device(model)?;
-    let steps = (eval_tokens / (cfg.batch_size * cfg.seq_len)).max(1);
+    let steps = (eval_tokens / (cfg.batch_size * cfg.seq_len * cfg.world_size)).max(1);
     let batches = Loader::new(tokenizer, &cfg, None)?
         .take(steps)
         .map(|b| b.and_then(|b| batch_tensors(&b, cfg.batch_size, cfg.seq_len, &device)));
-    evaluate_bpb(model, batches, &tokenizer.token_bytes())
+    let mut sums = bpb_sums(model, batches, &tokenizer.token_bytes())?;
+    comm.all_reduce_sum_f64(&mut sums)?;
+    bits_per_byte(sums)
 }
 
 /// Prompts whose greedy completions show what the model has learnt (the original's list).
@@ -221,7 +247,54 @@ pub fn optimizer_step(
     lr_multiplier: f64,
     muon_momentum: Option<f64>,
 ) -> Result<(f64, Option<f64>)> {
-    let (loss, mut grads) = forward_backward(model, vars, micro_batches, accum_steps)?;
+    let stats = optimizer_step_on(
+        &SingleProcess,
+        model,
+        optimizers,
+        vars,
+        micro_batches,
+        accum_steps,
+        grad_clip,
+        lr_multiplier,
+        muon_momentum,
+    )?;
+    Ok((stats.loss, stats.grad_norm))
+}
+
+/// What one optimizer step measured.
+#[derive(Clone, Copy, Debug)]
+pub struct StepStats {
+    /// The mean loss over every rank's micro-batches.
+    pub loss: f64,
+    /// The global gradient norm before clipping, when clipping.
+    pub grad_norm: Option<f64>,
+    /// Seconds spent averaging across ranks (0 for a single process).
+    pub comm_seconds: f64,
+}
+
+/// [`optimizer_step`] as one rank of `comm`: each rank runs `accum_steps` micro-batches of its own
+/// data, then the gradients and the loss are averaged across ranks before clipping, so that every
+/// rank takes the same step, that of the mean loss over all ranks' micro-batches.
+#[allow(clippy::too_many_arguments)] // optimizer_step's knobs and the communicator
+pub fn optimizer_step_on(
+    comm: &dyn Communicator,
+    model: &GPT,
+    optimizers: &mut Optimizers,
+    vars: &[Var],
+    micro_batches: impl IntoIterator<Item = Result<(Tensor, Tensor)>>,
+    accum_steps: usize,
+    grad_clip: f64,
+    lr_multiplier: f64,
+    muon_momentum: Option<f64>,
+) -> Result<StepStats> {
+    let (local_loss, mut grads) = forward_backward(model, vars, micro_batches, accum_steps)?;
+    let comm_started = Instant::now();
+    all_reduce_grads(comm, vars, &mut grads)?;
+    let mut loss = [local_loss];
+    comm.all_reduce_sum_f64(&mut loss)?;
+    let loss = loss[0] / comm.world_size() as f64;
+    let comm_seconds = if comm.world_size() > 1 { comm_started.elapsed().as_secs_f64() } else { 0.0 };
+    // The averaged loss is the same on every rank, so all ranks stop here together.
     if !loss.is_finite() {
         bail!("the loss is {loss}: training diverged; lower the learning rates");
     }
@@ -231,7 +304,7 @@ pub fn optimizer_step(
         optimizers.set_muon_momentum(momentum);
     }
     optimizers.step(&grads)?;
-    Ok((loss, grad_norm))
+    Ok(StepStats { loss, grad_norm, comm_seconds })
 }
 
 /// The checkpoint a chat stage starts from: stage `source`, tag `model_tag` (default: the deepest

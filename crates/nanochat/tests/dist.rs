@@ -1,0 +1,255 @@
+//! Data-parallel pretraining over MPI: `mpirun -n 2` on a tiny model gives the losses and the
+//! validation bpb of one process with the same global batch, the ranks read disjoint row groups,
+//! rank 0 alone writes the checkpoint and the metrics, and an MPI run resumes from its checkpoint
+//! (with the same number of processes only).
+//!
+//! The MPI test needs this crate built with `--features mpi` and `mpirun` on the PATH; without
+//! them it is skipped with a notice, unless, for a missing mpirun, NANOCHAT_REQUIRE_MPI=1 (as
+//! .ci/run sets once it has installed OpenMPI) makes that a failure. The single-process communicator and the rank-strided
+//! loader have their own tests (src/dist.rs; tests/data_loader.rs, `ranks_together_...`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use clap::Parser;
+use nanochat::checkpoint;
+use nanochat::data::loader::LoaderState;
+use nanochat::train::base::{train, TrainArgs};
+use parquet::data_type::{ByteArray, ByteArrayType};
+use parquet::file::properties::WriterProperties;
+use parquet::file::writer::SerializedFileWriter;
+use parquet::schema::parser::parse_message_type;
+use serde_json::Value;
+
+/// Tokens per document, BOS excluded: with BOS, one stream batch of 4 rows of 32 tokens plus the
+/// last target (4 × 32 + 1). So every micro-batch is exactly one document, and one process's
+/// micro-batches 2s and 2s+1 are the documents ranks 0 and 1 read at step s.
+const DOC_TOKENS: usize = 128;
+
+/// Text of simple sentences (letters only: no digit is ever merged by the tokenizer).
+fn sentences(count: usize, seed: u64) -> Vec<String> {
+    const WORDS: [&str; 12] = [
+        "the cat",
+        "a dog",
+        "the old man",
+        "sees",
+        "likes",
+        "walks past",
+        "the river.",
+        "a red house.",
+        "my sister",
+        "waits for",
+        "the garden.",
+        "an open door.",
+    ];
+    let mut x = seed;
+    let mut next = move || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (x >> 33) as usize
+    };
+    (0..count).map(|_| (0..80).map(|_| WORDS[next() % WORDS.len()]).collect::<Vec<_>>().join(" ")).collect()
+}
+
+/// `text` cut to whole words under DOC_TOKENS tokens, then topped up with digits, each its own
+/// token, to exactly DOC_TOKENS.
+fn exact_doc(tok: &bpe::Tokenizer, text: &str) -> String {
+    let mut doc = String::new();
+    for word in text.split(' ') {
+        let longer = if doc.is_empty() { word.to_string() } else { format!("{doc} {word}") };
+        if tok.encode(&longer).len() > DOC_TOKENS - 8 {
+            break;
+        }
+        doc = longer;
+    }
+    doc.push_str(&"7".repeat(DOC_TOKENS - tok.encode(&doc).len()));
+    assert_eq!(tok.encode(&doc).len(), DOC_TOKENS, "{doc}");
+    doc
+}
+
+/// A shard with one document per row group, so that two ranks split even a few documents.
+fn write_shard_of_single_docs(path: &Path, docs: &[String]) {
+    let schema = Arc::new(parse_message_type("message schema { REQUIRED BYTE_ARRAY text (STRING); }").unwrap());
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = SerializedFileWriter::new(file, schema, Arc::new(WriterProperties::builder().build())).unwrap();
+    for doc in docs {
+        let mut row_group = writer.next_row_group().unwrap();
+        let mut column = row_group.next_column().unwrap().unwrap();
+        column.typed::<ByteArrayType>().write_batch(&[ByteArray::from(doc.as_str())], None, None).unwrap();
+        column.close().unwrap();
+        row_group.close().unwrap();
+    }
+    writer.close().unwrap();
+}
+
+/// `base` laid out as $NANOCHAT_BASE_DIR: a tokenizer, 12 training and 6 validation documents.
+fn setup(base: &Path) -> bpe::Tokenizer {
+    let texts = sentences(18, 3);
+    let tok = bpe::Tokenizer::train(texts.iter(), 300, bpe::DEFAULT_PATTERN).unwrap();
+    tok.save(&base.join("tokenizer")).unwrap();
+    let docs: Vec<String> = texts.iter().map(|t| exact_doc(&tok, t)).collect();
+    let data = base.join("base_data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_shard_of_single_docs(&data.join("shard_00000.parquet"), &docs[..12]);
+    write_shard_of_single_docs(&data.join("shard_00001.parquet"), &docs[12..]);
+    tok
+}
+
+/// The options of every run here: 2 documents per step (one per rank under MPI), 4 steps,
+/// validation on 4 documents at steps 0, 2 and 4, checkpoints at steps 2 and 4.
+fn argv(base: &Path, extra: &[&str]) -> Vec<String> {
+    let data = base.join("base_data").to_string_lossy().into_owned();
+    let mut argv: Vec<String> = [
+        "--depth",
+        "1",
+        "--n-embd",
+        "64",
+        "--max-seq-len",
+        "32",
+        "--device-batch-size",
+        "4",
+        "--total-batch-size",
+        "256",
+        "--num-iterations",
+        "4",
+        "--eval-every",
+        "2",
+        "--eval-tokens",
+        "512",
+        "--sample-every",
+        "0",
+        "--save-every",
+        "2",
+        "--data-dir",
+        &data,
+    ]
+    .map(String::from)
+    .to_vec();
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    argv
+}
+
+/// Whether this test can run: built with the `mpi` feature (else it skips: `cargo test` without
+/// features builds no MPI binary) and `mpirun` is installed (else it skips with a notice, or fails
+/// when NANOCHAT_REQUIRE_MPI is set).
+fn mpi_available() -> bool {
+    if !cfg!(feature = "mpi") {
+        eprintln!("skipped: the MPI training test needs `cargo test --features mpi`");
+        return false;
+    }
+    if Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    assert!(std::env::var_os("NANOCHAT_REQUIRE_MPI").is_none(), "NANOCHAT_REQUIRE_MPI is set but mpirun is missing");
+    eprintln!("skipped: the MPI training test needs mpirun (apt-get install openmpi-bin libopenmpi-dev)");
+    false
+}
+
+/// `mpirun -n 2 nanochat base train <args>` with $NANOCHAT_BASE_DIR at `base`; returns its output,
+/// each line tagged with the rank that wrote it (`[job,rank]<stderr>:`).
+fn mpirun_train(base: &Path, args: &[String]) -> String {
+    let out = Command::new("mpirun")
+        .args(["-n", "2", "--oversubscribe", "--tag-output"])
+        .arg(env!("CARGO_BIN_EXE_nanochat"))
+        .args(["base", "train", "--dist", "mpi"])
+        .args(args)
+        .env("NANOCHAT_BASE_DIR", base)
+        // one thread per rank: the two ranks share this machine's cores
+        .env("RAYON_NUM_THREADS", "1")
+        // CI runs as root, which OpenMPI refuses unless told
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        // containers often forbid the cross-process memory attach of OpenMPI's shared-memory transport
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "mpirun failed:\n{text}");
+    text
+}
+
+/// (step, value) records of one quantity.
+type Series = Vec<(u64, f64)>;
+
+/// (losses by step, validation bpb by step) from a metrics log.
+fn metrics(dir: &Path) -> (Series, Series) {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let records: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let series = |key: &str| -> Series {
+        records.iter().filter_map(|r| Some((r["step"].as_u64()?, r.get(key)?.as_f64()?))).collect()
+    };
+    (series("loss"), series("val_bpb"))
+}
+
+fn max_diff(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
+    assert_eq!(a.iter().map(|p| p.0).collect::<Vec<_>>(), b.iter().map(|p| p.0).collect::<Vec<_>>());
+    a.iter().zip(b).map(|(x, y)| (x.1 - y.1).abs()).fold(0.0, f64::max)
+}
+
+fn copy_checkpoint(from: &Path, to: &Path, step: usize) {
+    std::fs::create_dir_all(to).unwrap();
+    for path in [checkpoint::model_path, checkpoint::optim_path, checkpoint::meta_path] {
+        std::fs::copy(path(from, step), path(to, step)).unwrap();
+    }
+}
+
+#[test]
+fn two_mpi_ranks_train_like_one_process_with_the_same_global_batch() {
+    if !mpi_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let tok = setup(base);
+    let checkpoints = |tag: &str| -> PathBuf { base.join("base_checkpoints").join(tag) };
+
+    // One process, two micro-batches per step.
+    let single_args =
+        TrainArgs::try_parse_from(["train".to_string()].into_iter().chain(argv(base, &["--dist", "none"]))).unwrap();
+    train(&single_args, &tok, &checkpoints("single")).unwrap();
+    let (single_losses, single_bpb) = metrics(&checkpoints("single"));
+
+    // Two ranks, one micro-batch each.
+    let started = std::time::Instant::now();
+    let output = mpirun_train(base, &argv(base, &["--model-tag", "mpi"]));
+    println!("mpirun -n 2: 4 steps in {:.1}s", started.elapsed().as_secs_f64());
+    let (mpi_losses, mpi_bpb) = metrics(&checkpoints("mpi"));
+    let (loss_diff, bpb_diff) = (max_diff(&single_losses, &mpi_losses), max_diff(&single_bpb, &mpi_bpb));
+    println!("max |loss diff| {loss_diff:e}, max |val bpb diff| {bpb_diff:e}");
+    assert!(loss_diff < 1e-4, "losses differ: {single_losses:?} vs {mpi_losses:?}");
+    assert!(bpb_diff < 1e-4, "validation bpb differs: {single_bpb:?} vs {mpi_bpb:?}");
+    assert!(mpi_losses[3].1 < mpi_losses[0].1, "loss did not fall: {mpi_losses:?}");
+
+    // Rank 0 alone logged and saved: one metrics record per step, one save line per checkpoint.
+    assert_eq!(mpi_losses.len(), 4);
+    let saves: Vec<&str> = output.lines().filter(|l| l.contains("saved checkpoint")).collect();
+    assert_eq!(saves.len(), 2, "{output}");
+    assert!(saves.iter().all(|l| l.contains(",0]<")), "a rank other than 0 saved: {saves:?}");
+    assert_eq!(checkpoint::latest_step(&checkpoints("mpi")).unwrap(), Some(4));
+
+    // Each rank's data position is saved, and each read its own stride of row groups.
+    let meta = checkpoint::load_meta(&checkpoints("mpi"), 4).unwrap();
+    assert_eq!(meta.run_config["world_size"], 2);
+    let states: Vec<LoaderState> = serde_json::from_value(meta.run_config["loader_states"].clone()).unwrap();
+    assert_eq!(states.len(), 2);
+    for (rank, state) in states.iter().enumerate() {
+        assert_eq!((state.rank, state.world_size), (rank, 2));
+        assert_eq!(state.next.row_group % 2, rank, "rank {rank} read another rank's row group: {state:?}");
+    }
+    assert_eq!(meta.loader_state.as_ref(), Some(&states[0]));
+
+    // Resumed from step 2 under MPI, it finishes as the uninterrupted run did.
+    copy_checkpoint(&checkpoints("mpi"), &checkpoints("resumed"), 2);
+    mpirun_train(base, &argv(base, &["--model-tag", "resumed", "--resume-from-step", "2"]));
+    let (resumed_losses, resumed_bpb) = metrics(&checkpoints("resumed"));
+    assert!(max_diff(&resumed_losses, &mpi_losses[2..]) < 1e-6, "{resumed_losses:?} vs {mpi_losses:?}");
+    assert!(max_diff(&resumed_bpb, &mpi_bpb[1..]) < 1e-6, "{resumed_bpb:?} vs {mpi_bpb:?}");
+
+    // A single process cannot take over two ranks' data positions.
+    let alone = TrainArgs::try_parse_from(
+        ["train".to_string()].into_iter().chain(argv(base, &["--dist", "none", "--resume-from-step", "2"])),
+    )
+    .unwrap();
+    let err = format!("{:#}", train(&alone, &tok, &checkpoints("mpi")).unwrap_err());
+    assert!(err.contains("written by a run of 2 processes"), "{err}");
+}
