@@ -146,12 +146,12 @@ fn mid_then_sft_train_and_leave_checkpoints_the_engine_loads() {
         assert_eq!(engine.model().config(), &base_ckpt.meta.model_config);
     }
     // The stages find their starting checkpoint the same way: the deepest tag, the latest step.
-    let (ckpt, tag) = load_stage_checkpoint(Source::Mid, None, None, &tok, &Device::Cpu, "hint").unwrap();
+    let (ckpt, tag) = load_stage_checkpoint(Source::Mid, None, None, &tok, &Device::Cpu).unwrap();
     assert_eq!((ckpt.meta.step, tag.as_str()), (15, "d1"));
-    let Err(err) = load_stage_checkpoint(Source::Rl, None, None, &tok, &Device::Cpu, "run that stage first") else {
+    let Err(err) = load_stage_checkpoint(Source::Rl, None, None, &tok, &Device::Cpu) else {
         panic!("there is no RL checkpoint to load");
     };
-    assert!(format!("{err:#}").contains("run that stage first"), "{err:#}");
+    assert!(format!("{err:#}").contains("run `nanochat rl train` first"), "{err:#}");
 }
 
 #[test]

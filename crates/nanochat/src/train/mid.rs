@@ -100,15 +100,13 @@ pub fn run(cmd: MidCommand) -> Result<()> {
         args.stage.step,
         &tokenizer,
         &device,
-        "run `nanochat base train` first",
     )?;
     let (train_task, val_task) = mid_mixture(&args.stage, args.val_fraction)?;
     let out_dir = Source::Mid.checkpoints_dir().join(&tag);
     let start = std::time::Instant::now();
     let report = train(&args, &tokenizer, train_task.as_ref(), val_task.as_ref(), &base, &out_dir)?;
     let bpb = report.val_bpb.map_or_else(|| "not evaluated".to_string(), |b| format!("{b:.4}"));
-    let first_loss = report.losses.first().copied().unwrap_or(f64::NAN);
-    let last_loss = report.losses.last().copied().unwrap_or(f64::NAN);
+    let (first_loss, last_loss) = super::loss_span(&report.losses);
     let markdown = format!(
         "- started from: base/{tag} step {}\n- mixture: {} ({} conversations)\n- steps: {} of {} tokens\n\
          - training loss: {first_loss:.4} at the first step, {last_loss:.4} at the last\n\

@@ -309,15 +309,21 @@ pub fn optimizer_step_on(
 
 /// The checkpoint a chat stage starts from: stage `source`, tag `model_tag` (default: the deepest
 /// `d<N>`, as `nanochat chat` picks), step `step` (default: the latest). Returns it with its tag,
-/// which the new stage's checkpoints reuse. `hint` tells the user how to get one when there is none.
+/// which the new stage's checkpoints reuse. When there is none, the error says which stage makes one.
 pub fn load_stage_checkpoint(
     source: Source,
     model_tag: Option<&str>,
     step: Option<usize>,
     tokenizer: &bpe::Tokenizer,
     device: &Device,
-    hint: &str,
 ) -> Result<(Checkpoint, String)> {
+    let stage = match source {
+        Source::Base => "base",
+        Source::Mid => "mid",
+        Source::Sft => "sft",
+        Source::Rl => "rl",
+    };
+    let hint = format!("run `nanochat {stage} train` first");
     let root = source.checkpoints_dir();
     let tag = match model_tag {
         Some(tag) => tag.to_string(),
@@ -350,6 +356,11 @@ pub fn render_task(
                 .with_context(|| format!("rendering example {i} of {}", task.name()))
         })
         .collect()
+}
+
+/// The first and the last of a run's step losses (NaN when it took no step), for the report.
+pub fn loss_span(losses: &[f64]) -> (f64, f64) {
+    (losses.first().copied().unwrap_or(f64::NAN), losses.last().copied().unwrap_or(f64::NAN))
 }
 
 /// Drops the metrics records of steps from `step` on: on resume, those of the interrupted run

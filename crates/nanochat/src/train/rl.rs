@@ -132,19 +132,12 @@ pub fn run(cmd: RlCommand) -> Result<()> {
     let RlCommand::Train(args) = cmd;
     let tokenizer = crate::tokenizer::load()?;
     let device = Device::cuda_if_available(0)?;
-    let hint = match args.source {
-        Source::Sft => "run `nanochat sft train` first",
-        Source::Mid => "run `nanochat mid train` first",
-        Source::Base => "run `nanochat base train` first",
-        Source::Rl => "run `nanochat rl train` first",
-    };
     let (init, tag) = super::load_stage_checkpoint(
         args.source,
         args.stage.model_tag.as_deref(),
         args.stage.step,
         &tokenizer,
         &device,
-        hint,
     )?;
     let root = args.stage.data_root();
     let (train_task, test_task) = (Gsm8k::load(&root, "train")?, Gsm8k::load(&root, "test")?);

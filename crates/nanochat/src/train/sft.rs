@@ -95,26 +95,18 @@ pub fn run(cmd: SftCommand) -> Result<()> {
     let SftCommand::Train(args) = cmd;
     let tokenizer = crate::tokenizer::load()?;
     let device = Device::cuda_if_available(0)?;
-    let hint = match args.source {
-        Source::Mid => "run `nanochat mid train` first, or pass `--source base` to finetune the base model",
-        Source::Base => "run `nanochat base train` first",
-        Source::Sft => "run `nanochat sft train` first",
-        Source::Rl => "run `nanochat rl train` first",
-    };
     let (init, tag) = super::load_stage_checkpoint(
         args.source,
         args.stage.model_tag.as_deref(),
         args.stage.step,
         &tokenizer,
         &device,
-        hint,
     )?;
     let (train_task, val_task) = sft_mixture(&args.stage)?;
     let out_dir = Source::Sft.checkpoints_dir().join(&tag);
     let start = std::time::Instant::now();
     let report = train(&args, &tokenizer, train_task.as_ref(), val_task.as_ref(), &init, &out_dir)?;
-    let first_loss = report.losses.first().copied().unwrap_or(f64::NAN);
-    let last_loss = report.losses.last().copied().unwrap_or(f64::NAN);
+    let (first_loss, last_loss) = super::loss_span(&report.losses);
     let markdown = format!(
         "- started from: {:?}/{tag} step {}\n- mixture: {} conversations\n- steps: {} of {} conversations\n\
          - training loss: {first_loss:.4} at the first step, {last_loss:.4} at the last\n\
