@@ -74,3 +74,14 @@ fn execute(command: Command) -> Result<()> {
         Command::Speedrun(args) => nanochat::speedrun::run(args, &parse_stage),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks a command's definition only when it parses one; this checks every subcommand's.
+    #[test]
+    fn every_command_line_definition_is_valid() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -23,28 +23,12 @@ use serde_json::json;
 
 use crate::checkpoint;
 use crate::model::decode::DecodeModel;
-use crate::model::{GPTConfig, KvCache, GPT};
+use crate::model::{KvCache, GPT};
 
 #[derive(Args, Debug)]
 pub struct DecodeBenchArgs {
-    /// Layers of the random model.
-    #[arg(long, default_value_t = 4)]
-    pub n_layer: usize,
-    /// Width of the random model.
-    #[arg(long, default_value_t = 256)]
-    pub n_embd: usize,
-    /// Attention heads.
-    #[arg(long, default_value_t = 4)]
-    pub n_head: usize,
-    /// Key/value heads (default: n_head).
-    #[arg(long)]
-    pub n_kv_head: Option<usize>,
-    /// Vocabulary size.
-    #[arg(long, default_value_t = 32768)]
-    pub vocab: usize,
-    /// Training context; the rotary tables cover 10x this.
-    #[arg(long, default_value_t = 2048)]
-    pub seq_len: usize,
+    #[command(flatten)]
+    pub shape: super::ModelShape,
     /// Benchmark a trained model instead: a checkpoint directory (its latest step).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -175,14 +159,7 @@ fn build_model(args: &DecodeBenchArgs) -> Result<GPT> {
         let ckpt = checkpoint::load(dir, step, &device, false, None)?;
         return Ok(checkpoint::model_from_checkpoint(&ckpt, &device)?.0);
     }
-    let config = GPTConfig {
-        sequence_len: args.seq_len,
-        vocab_size: args.vocab,
-        n_layer: args.n_layer,
-        n_head: args.n_head,
-        n_kv_head: args.n_kv_head.unwrap_or(args.n_head),
-        n_embd: args.n_embd,
-    };
+    let config = args.shape.config();
     Ok(GPT::init(&config, 0, &device)?.0)
 }
 

@@ -6,7 +6,45 @@ pub mod decode;
 pub mod train;
 
 use anyhow::Result;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
+
+use crate::model::GPTConfig;
+
+/// The benchmarked model's shape; the defaults are the issues' depth-4 configuration.
+#[derive(Args, Debug, Clone)]
+pub struct ModelShape {
+    /// Number of transformer blocks.
+    #[arg(long, default_value_t = 4)]
+    pub n_layer: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 256)]
+    pub n_embd: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 4)]
+    pub n_head: usize,
+    /// Key/value heads (divides n_head) [default: n_head].
+    #[arg(long)]
+    pub n_kv_head: Option<usize>,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 32768)]
+    pub vocab: usize,
+    /// Sequence length: a training row; for inference, the context (the rotary tables cover 10x).
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+}
+
+impl ModelShape {
+    pub fn config(&self) -> GPTConfig {
+        GPTConfig {
+            sequence_len: self.seq_len,
+            vocab_size: self.vocab,
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head.unwrap_or(self.n_head),
+            n_embd: self.n_embd,
+        }
+    }
+}
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {

@@ -10,32 +10,16 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use rand::{Rng, SeedableRng};
 
-use crate::model::{fused, GPTConfig, GPT};
+use crate::model::{fused, GPT};
 use crate::optim::{clip_grad_norm, muon_momentum, setup_optimizers, OptimConfig};
 
 #[derive(Args, Debug)]
 pub struct TrainBenchArgs {
-    /// Number of transformer blocks.
-    #[arg(long, default_value_t = 4)]
-    pub n_layer: usize,
-    /// Model width.
-    #[arg(long, default_value_t = 256)]
-    pub n_embd: usize,
-    /// Query heads.
-    #[arg(long, default_value_t = 4)]
-    pub n_head: usize,
-    /// Key/value heads (divides n_head).
-    #[arg(long, default_value_t = 4)]
-    pub n_kv_head: usize,
-    /// Sequence length of every row.
-    #[arg(long, default_value_t = 512)]
-    pub seq_len: usize,
+    #[command(flatten)]
+    pub shape: super::ModelShape,
     /// Rows per step.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
-    /// Vocabulary size.
-    #[arg(long, default_value_t = 32768)]
-    pub vocab: usize,
     /// Untimed steps first (allocator and caches warm up).
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
@@ -80,18 +64,11 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
     }
     fused::set_enabled(!args.unfused);
     let device = Device::Cpu;
-    let config = GPTConfig {
-        sequence_len: args.seq_len,
-        vocab_size: args.vocab,
-        n_layer: args.n_layer,
-        n_head: args.n_head,
-        n_kv_head: args.n_kv_head,
-        n_embd: args.n_embd,
-    };
+    let config = args.shape.config();
     let (model, varmap) = GPT::init(&config, args.seed, &device)?;
     let mut optimizers = setup_optimizers(&config, &varmap, &OptimConfig::default())?;
     let vars: Vec<_> = optimizers.vars().cloned().collect();
-    let (b, t) = (args.batch, args.seq_len);
+    let (b, t) = (args.batch, args.shape.seq_len);
     let tokens_per_step = b * t;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let threads = rayon::current_num_threads();
@@ -110,7 +87,7 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
     let mut last_loss = f64::NAN;
     for step in 0..args.warmup + args.steps {
         // Fresh random tokens every step, as a data loader would give.
-        let ids: Vec<u32> = (0..tokens_per_step + b).map(|_| rng.random_range(0..args.vocab as u32)).collect();
+        let ids: Vec<u32> = (0..tokens_per_step + b).map(|_| rng.random_range(0..args.shape.vocab as u32)).collect();
         let rows = Tensor::from_vec(ids, (b, t + 1), &device)?;
         let (x, y) = (
             rows.narrow(1, 0, t)?.contiguous()?,
