@@ -49,8 +49,24 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    keep_large_allocations();
     execute(Cli::parse().command)
 }
+
+/// glibc returns every allocation over 32 MB to the kernel when it is freed and maps it afresh
+/// next time, so the kernel zeroes those pages again on every training step (a fifth of the step
+/// at depth 4, docs/PROFILE.md). Raising the threshold keeps such buffers in the heap for reuse.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_large_allocations() {
+    // SAFETY: mallopt only tunes the allocator; it is called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_large_allocations() {}
 
 /// Parses a speedrun stage's command line with this parser, so that a preset runs the very
 /// commands a user would type, with all their options.
