@@ -214,7 +214,7 @@ fn a_full_queue_is_a_503_and_a_disconnect_frees_the_worker() -> Result<()> {
     let addr = server.addr();
     let running = start_endless_stream(addr)?;
     // the second request waits in the queue of one
-    let body = json!({"messages": [{"role": "user", "content": "go"}], "temperature": 0, "max_tokens": 600});
+    let body = json!({"messages": [{"role": "user", "content": "go"}], "temperature": 0, "max_tokens": 4096});
     let queued = send(addr, "POST", "/chat/completions", Some("application/json"), body.to_string().as_bytes())?;
     wait_for(addr, Duration::from_secs(10), |s| s["busy"] == 1 && s["queued"] == 1)?;
     let refused = post_json(addr, "/chat/completions", &body)?;
@@ -225,11 +225,11 @@ fn a_full_queue_is_a_503_and_a_disconnect_frees_the_worker() -> Result<()> {
     assert_eq!(refused.status, 503);
     assert_eq!(refused.json()?["error"]["type"], "server_error");
 
-    // hanging up on both frees the worker long before 2 x 600 tokens are generated
+    // hanging up on both frees the worker before either reply of 4,096 tokens is complete
     drop(running);
     drop(queued);
     let after = wait_for(addr, Duration::from_secs(20), |s| s["busy"] == 0 && s["queued"] == 0)?;
-    assert!(after["tokens_generated"].as_u64().unwrap_or(u64::MAX) < 600, "{after}");
+    assert!(after["tokens_generated"].as_u64().unwrap_or(u64::MAX) < 4096, "{after}");
     let quick = json!({"messages": [{"role": "user", "content": "go"}], "temperature": 0, "max_tokens": 3});
     let started = Instant::now();
     let served = post_json(addr, "/chat/completions", &quick)?;
@@ -244,12 +244,12 @@ fn a_full_queue_is_a_503_and_a_disconnect_frees_the_worker() -> Result<()> {
 fn a_disconnect_also_cancels_a_non_streaming_openai_request() -> Result<()> {
     let server = start(vec![endless_engine()?], 0, Duration::from_secs(60))?;
     let addr = server.addr();
-    let body = json!({"messages": [{"role": "user", "content": "go"}], "temperature": 0, "max_tokens": 600});
+    let body = json!({"messages": [{"role": "user", "content": "go"}], "temperature": 0, "max_tokens": 4096});
     let waiting = send(addr, "POST", "/v1/chat/completions", Some("application/json"), body.to_string().as_bytes())?;
     wait_for(addr, Duration::from_secs(10), |s| s["busy"] == 1 && s["tokens_generated"].as_u64() > Some(0))?;
     drop(waiting);
     let after = wait_for(addr, Duration::from_secs(20), |s| s["busy"] == 0)?;
-    assert!(after["tokens_generated"].as_u64().unwrap_or(u64::MAX) < 600, "{after}");
+    assert!(after["tokens_generated"].as_u64().unwrap_or(u64::MAX) < 4096, "{after}");
     server.shutdown()
 }
 
@@ -444,8 +444,8 @@ fn the_ui_works_in_a_real_browser() -> Result<()> {
     assert_eq!(seen["markup_elements"], 0);
     assert!(std::fs::metadata(&screenshot)?.len() > 1000);
 
-    // Stop mid-reply: the browser drops the stream and the worker is freed long before 600 tokens
-    let long_replies = ServerConfig { max_tokens: 600, ..config(0, Duration::from_secs(60)) };
+    // Stop mid-reply: the browser drops the stream and the worker is freed before the 4,096-token reply ends
+    let long_replies = ServerConfig { max_tokens: 4096, ..config(0, Duration::from_secs(60)) };
     let server = Server::start("127.0.0.1", 0, vec![endless_engine()?], long_replies)?;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/serve/browser_test.py");
     let out = Command::new("python3").arg(script).arg(format!("http://{}/", server.addr())).arg("stop").output()?;
@@ -454,7 +454,7 @@ fn the_ui_works_in_a_real_browser() -> Result<()> {
     assert_eq!(seen["sent"], json!(["go"]));
     assert_eq!(seen["replies"].as_array().map(Vec::len), Some(1), "{seen}");
     let after = wait_for(server.addr(), Duration::from_secs(20), |s| s["busy"] == 0)?;
-    assert!(after["tokens_generated"].as_u64().unwrap_or(u64::MAX) < 600, "{after}");
+    assert!(after["tokens_generated"].as_u64().unwrap_or(u64::MAX) < 4096, "{after}");
     server.shutdown()
 }
 
