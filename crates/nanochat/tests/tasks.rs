@@ -9,7 +9,7 @@ use nanochat::conversation::{render_conversation, Content, Conversation, Message
 use nanochat::tasks::arc::{ArcSubset, ArcTask};
 use nanochat::tasks::chat::ChatData;
 use nanochat::tasks::gsm8k::{parse_answer, Gsm8k};
-use nanochat::tasks::identity::{CustomJson, Identity};
+use nanochat::tasks::identity::Identity;
 use nanochat::tasks::mixture::{Subset, TaskMixture, TaskSequence};
 use nanochat::tasks::mmlu::Mmlu;
 use nanochat::tasks::spelling::{load_words, SimpleSpelling, SpellingBee, Split};
@@ -296,7 +296,7 @@ fn custom_json_loads_both_shapes_and_reports_bad_lines() {
          {\"role\": \"assistant\", \"content\": [{\"type\": \"text\", \"text\": \"me\"}]}]\n",
     )
     .unwrap();
-    let task = CustomJson::load(&good).unwrap();
+    let task = ChatData::custom_json(&good).unwrap();
     assert_eq!(task.len(), 2);
     assert_eq!(task.get(1).unwrap().conversation.messages[0].role, Role::System);
     render_conversation(tokenizer(), &task.get(1).unwrap().conversation, 100).unwrap();
@@ -312,7 +312,7 @@ fn custom_json_loads_both_shapes_and_reports_bad_lines() {
         let bad = dir.path().join("bad.jsonl");
         let ok = "[{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]";
         std::fs::write(&bad, format!("{ok}\n{line}\n")).unwrap();
-        let err = format!("{:#}", CustomJson::load(&bad).err().unwrap());
+        let err = format!("{:#}", ChatData::custom_json(&bad).err().unwrap());
         assert!(err.contains("bad.jsonl line 2") && err.contains(reason), "{err}");
     }
 }

@@ -51,10 +51,46 @@ impl ChatData {
         Ok(ChatData { name: name.to_string(), conversations, skipped })
     }
 
+    /// The original's CustomJSON: a file the user wrote, each line `{"messages": [{"role",
+    /// "content"}, …]}` or the bare list of messages. Unlike [`ChatData::from_file`] every line is
+    /// checked at load, so a typo in a hand-edited file is reported with its line rather than a
+    /// conversation silently dropped.
+    pub fn custom_json(path: &Path) -> Result<ChatData> {
+        let mut conversations = Vec::new();
+        for (i, line) in open_text(path)?.lines().enumerate() {
+            let line = line.with_context(|| format!("reading {} line {}", path.display(), i + 1))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let conversation = parse_custom_line(&line).with_context(|| {
+                format!(
+                    "{} line {}: expected a conversation like {{\"messages\": [{{\"role\": \"user\", \"content\": \"…\"}}, \
+                     {{\"role\": \"assistant\", \"content\": \"…\"}}]}}; fix or remove the line",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+            conversations.push(conversation);
+        }
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(ChatData { name, conversations, skipped: 0 })
+    }
+
     /// How many malformed conversations were left out at load.
     pub fn skipped(&self) -> usize {
         self.skipped
     }
+}
+
+fn parse_custom_line(line: &str) -> Result<Conversation> {
+    let value: serde_json::Value = serde_json::from_str(line).context("not valid JSON")?;
+    let conversation = match value {
+        serde_json::Value::Array(_) => Conversation { messages: serde_json::from_value(value)? },
+        serde_json::Value::Object(_) => serde_json::from_value(value)?,
+        _ => bail!("a line must hold a JSON object or array"),
+    };
+    check_roles(&conversation)?;
+    Ok(conversation)
 }
 
 impl Task for ChatData {

@@ -1,19 +1,16 @@
-//! Who the model is: identity conversations generated from templates, and [`CustomJson`], any
-//! JSON-lines file of conversations a user writes (to give the model another personality, say).
+//! Who the model is: identity conversations generated from templates. A user's own conversations
+//! (another personality, say) load with [`super::chat::ChatData::custom_json`].
 //!
 //! The original downloads a thousand synthetic identity conversations written by an LLM; those
 //! are not available offline, so [`Identity`] builds its own from the facts below: the model is
 //! nanochat, a small chat model built in Rust after Andrej Karpathy's nanochat, trained by whoever
 //! runs it, and it can make mistakes. Example `i` depends only on (seed, `i`).
 
-use std::io::BufRead;
-use std::path::Path;
-
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use rand::seq::IndexedRandom;
 use rand::Rng;
 
-use super::{check_index, check_roles, example_rng, open_text, Answer, EvalType, Example, Task};
+use super::{check_index, example_rng, Answer, EvalType, Example, Task};
 use crate::conversation::{Conversation, Message, Role};
 
 /// Questions about one fact and the answers that state it.
@@ -144,65 +141,4 @@ impl Task for Identity {
 
 fn pick(options: &[&'static str], rng: &mut impl Rng) -> &'static str {
     options.choose(rng).copied().unwrap_or_default()
-}
-
-/// Conversations from a JSON-lines file: each line `{"messages": [{"role", "content"}, …]}` or,
-/// as the original's CustomJSON reads, the bare list of messages. Every line is checked at load,
-/// so a typo in a hand-edited file is reported with its line rather than failing mid-training.
-pub struct CustomJson {
-    name: String,
-    conversations: Vec<Conversation>,
-}
-
-impl CustomJson {
-    pub fn load(path: &Path) -> Result<CustomJson> {
-        let mut conversations = Vec::new();
-        for (i, line) in open_text(path)?.lines().enumerate() {
-            let line = line.with_context(|| format!("reading {} line {}", path.display(), i + 1))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let conversation = parse_line(&line).with_context(|| {
-                format!(
-                    "{} line {}: expected a conversation like {{\"messages\": [{{\"role\": \"user\", \"content\": \"…\"}}, \
-                     {{\"role\": \"assistant\", \"content\": \"…\"}}]}}; fix or remove the line",
-                    path.display(),
-                    i + 1
-                )
-            })?;
-            conversations.push(conversation);
-        }
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        Ok(CustomJson { name, conversations })
-    }
-}
-
-fn parse_line(line: &str) -> Result<Conversation> {
-    let value: serde_json::Value = serde_json::from_str(line).context("not valid JSON")?;
-    let conversation = match value {
-        serde_json::Value::Array(_) => Conversation { messages: serde_json::from_value(value)? },
-        serde_json::Value::Object(_) => serde_json::from_value(value)?,
-        _ => bail!("a line must hold a JSON object or array"),
-    };
-    check_roles(&conversation)?;
-    Ok(conversation)
-}
-
-impl Task for CustomJson {
-    fn name(&self) -> String {
-        self.name.clone()
-    }
-
-    fn len(&self) -> usize {
-        self.conversations.len()
-    }
-
-    fn get(&self, index: usize) -> Result<Example> {
-        check_index(&self.name, index, self.conversations.len())?;
-        Ok(Example { conversation: self.conversations[index].clone(), answer: Answer::None })
-    }
-
-    fn eval_type(&self) -> Option<EvalType> {
-        None
-    }
 }

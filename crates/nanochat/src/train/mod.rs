@@ -26,7 +26,8 @@ use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::dist::{all_reduce_grads, Communicator, SingleProcess};
 use crate::model::{Reduction, GPT};
 use crate::optim::{clip_grad_norm, OptimConfig, Optimizers};
-use crate::tasks::identity::{CustomJson, Identity};
+use crate::tasks::chat::ChatData;
+use crate::tasks::identity::Identity;
 use crate::tasks::{DataRoot, Task};
 
 /// A loader batch as (inputs, targets) tensors of shape (B, T).
@@ -441,7 +442,7 @@ impl ChatStageArgs {
     /// The identity conversations: the user's file, or 1,000 generated ones (the original's count).
     pub fn identity(&self) -> Result<Arc<dyn Task>> {
         Ok(match &self.identity_file {
-            Some(path) => Arc::new(CustomJson::load(path)?),
+            Some(path) => Arc::new(ChatData::custom_json(path)?),
             None => Arc::new(Identity::new(1000, self.seed)),
         })
     }
