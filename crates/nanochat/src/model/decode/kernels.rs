@@ -230,12 +230,6 @@ mod avx2 {
         out
     }
 
-    /// The portable loop, compiled with AVX2 enabled so that it vectorises 8 wide.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn softcap(x: &mut [f32], cap: f32) {
-        super::softcap_portable(x, cap)
-    }
-
     /// A plain loop: compiled with AVX2 enabled, it vectorises 8 wide.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
@@ -271,65 +265,18 @@ pub fn rotary(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// `cap * tanh(x / cap)` over every element, in parallel for large buffers. libm's `tanhf` costs
-/// ~20 ns, which over a 32k vocabulary is a sizeable part of a decode step; [`tanh`] is a
-/// branch-free version that vectorises (within ~1e-7 of `tanhf`).
+/// `cap * tanh(x / cap)` over every element, in parallel for large buffers, with the fused
+/// kernels' vectorised softcap (libm's `tanhf` costs ~20 ns, a sizeable part of a decode step over
+/// a 32k vocabulary).
 pub fn softcap(x: &mut [f32], cap: f32) {
-    let avx = has_avx2_fma();
-    let f = move |c: &mut [f32]| {
-        #[cfg(target_arch = "x86_64")]
-        if avx {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { avx2::softcap(c, cap) };
-        }
-        let _ = avx;
-        softcap_portable(c, cap);
+    let f = |c: &mut [f32]| {
+        crate::model::fused::softcap_in_place(c, cap);
     };
     if x.len() < 1 << 14 {
         f(x);
     } else {
         x.par_chunks_mut(4096).for_each(f);
     }
-}
-
-#[inline(always)]
-fn softcap_portable(x: &mut [f32], cap: f32) {
-    let inv = 1.0 / cap;
-    x.iter_mut().for_each(|v| *v = cap * tanh(*v * inv));
-}
-
-/// tanh(x) = sign(x) · (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1], so nothing overflows.
-#[inline(always)]
-pub fn tanh(x: f32) -> f32 {
-    let e = exp_nonpositive(-2.0 * x.abs());
-    let t = ((1.0 - e) / (1.0 + e)).copysign(x);
-    // NaN stays NaN, as with tanhf (a select, so the loop still vectorises)
-    if x.is_nan() {
-        x
-    } else {
-        t
-    }
-}
-
-/// exp(x) for x <= 0 (Cephes' `expf`: x = n·ln 2 + r, a degree-5 polynomial for exp(r), then the
-/// exponent bits set to n), without branches so that loops over it vectorise. Below -87 it
-/// returns ~exp(-87) instead of 0, which changes nothing in `tanh`.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.max(-87.0);
-    let n = (x * LOG2E + 0.5).floor();
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// Softmax attention of one query head `q` over the first `len` keys and values of a cached
@@ -379,20 +326,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fast_tanh_matches_libm() {
-        let mut worst = 0.0f32;
-        for i in -200_000..=200_000 {
-            let x = i as f32 * 1e-4 * (1.0 + (i as f32).abs() * 1e-5);
-            worst = worst.max((tanh(x) - x.tanh()).abs());
-        }
-        assert!(worst < 3e-7, "max |tanh - tanhf| = {worst}");
-        assert_eq!(tanh(0.0), 0.0);
-        assert_eq!(tanh(1e30), 1.0);
-        assert_eq!(tanh(-1e30), -1.0);
-        assert!(tanh(f32::NAN).is_nan());
+    fn softcap_matches_libm() {
         let mut v: Vec<f32> = (0..20_000).map(|i| (i as f32 - 10_000.0) * 0.01).collect();
         let want: Vec<f32> = v.iter().map(|x| 15.0 * (x / 15.0).tanh()).collect();
         softcap(&mut v, 15.0);
         assert!(v.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
+        let mut edges = [0.0, 1e30, -1e30, f32::NAN];
+        softcap(&mut edges, 15.0);
+        assert_eq!(&edges[..3], &[0.0, 15.0, -15.0]);
+        assert!(edges[3].is_nan());
     }
 }

@@ -25,6 +25,12 @@ use candle_core::{CpuStorage, Layout, Result};
 
 pub use attention::causal_attention;
 pub use cross_entropy::softcap_cross_entropy;
+
+/// `cap * tanh(x / cap)` in place, vectorised (AVX2 + FMA when the CPU has them): the softcap the
+/// lm_head kernels apply, shared with the native decode path.
+pub fn softcap_in_place(xs: &mut [f32], cap: f32) {
+    simd::softcap_max(xs, cap);
+}
 pub use lm_head::lm_head_cross_entropy;
 pub use norm::rms_norm;
 pub use relu2::relu_squared;
