@@ -10,9 +10,11 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use nanochat::eval::bundle::parse_core_yaml;
 use nanochat::eval::core::{
-    centered_accuracy, evaluate_bundle, fewshot_indices, judge, prepare, render_prompts, shuffled_order, TokenScores,
+    centered_accuracy, evaluate_bundle, fewshot_indices, judge, prepare, render_prompts, shuffled_order, NativeScorer,
+    Prepared, TokenScores,
 };
 use nanochat::eval::{bits_per_byte, evaluate_core, BpbTotals, Bundle, Item, LanguageModel, TaskType};
+use nanochat::model::decode::DecodeModel;
 use nanochat::model::{GPTConfig, GPT};
 
 fn bundle_dir() -> PathBuf {
@@ -166,13 +168,16 @@ fn judge_picks_lowest_mean_loss_first_on_ties() {
     let item = Item::MultipleChoice { query: s("q"), choices: vec![s("a"), s("b"), s("c")], gold: 1 };
     let prepared = nanochat::eval::core::Prepared { rows: vec![vec![0; 4]; 3], spans: vec![(1, 3); 3] };
     let scores =
-        |l: [[f32; 4]; 3]| TokenScores { losses: l.iter().map(|r| r.to_vec()).collect(), argmax: vec![vec![0; 4]; 3] };
-    // Means over positions 0..2: 2.0, 1.0, 1.0 → option 1 (first of the tied minimum).
-    let s1 = scores([[1.0, 3.0, 9.0, f32::NAN], [1.5, 0.5, 9.0, f32::NAN], [0.0, 2.0, 0.0, f32::NAN]]);
+        |l: [[f32; 2]; 3]| TokenScores { losses: l.iter().map(|r| r.to_vec()).collect(), argmax: vec![vec![0; 2]; 3] };
+    // Means over the spans: 2.0, 1.0, 1.0 → option 1 (first of the tied minimum).
+    let s1 = scores([[1.0, 3.0], [1.5, 0.5], [0.0, 2.0]]);
     assert!(judge(&item, &prepared, &s1).unwrap());
     // All equal → option 0.
-    let s0 = scores([[1.0; 4], [1.0; 4], [1.0; 4]]);
+    let s0 = scores([[1.0; 2], [1.0; 2], [1.0; 2]]);
     assert!(!judge(&item, &prepared, &s0).unwrap());
+    // Scores that do not match the spans are an error, not a verdict.
+    let short = TokenScores { losses: vec![vec![1.0]; 3], argmax: vec![vec![0]; 3] };
+    assert!(judge(&item, &prepared, &short).is_err());
 }
 
 /// A model that puts all probability on the next token of the rows it is told are correct, and
@@ -186,8 +191,9 @@ impl LanguageModel for Oracle {
     fn max_seq_len(&self) -> usize {
         1 << 20
     }
-    fn score(&self, rows: &[Vec<u32>]) -> Result<TokenScores> {
-        let logits: Vec<Vec<Vec<f32>>> = rows
+    fn score(&self, prepared: &Prepared) -> Result<TokenScores> {
+        let logits: Vec<Vec<Vec<f32>>> = prepared
+            .rows
             .iter()
             .map(|row| {
                 (0..row.len())
@@ -201,7 +207,7 @@ impl LanguageModel for Oracle {
                     .collect()
             })
             .collect();
-        TokenScores::from_logits(rows, &logits)
+        TokenScores::from_logits(prepared, |r, t| &logits[r][t])
     }
 }
 
@@ -302,11 +308,13 @@ fn tiny_gpt(vocab: usize) -> GPT {
 }
 
 #[test]
-fn gpt_scores_match_its_logits_despite_padding() {
+fn gpt_and_native_scores_match_unpadded_logits() {
     let tok = byte_tokenizer();
     let model = tiny_gpt(tok.vocab_size());
-    let rows = vec![vec![256, 72, 105, 33, 10], vec![256, 65]];
-    let scores = model.score(&rows).unwrap();
+    // Rows of different lengths sharing their first three tokens, scored from token 3 on: the
+    // native scorer runs the shared prefix (up to the first scored prediction) once.
+    let rows = vec![vec![256, 72, 105, 33, 10, 72, 105], vec![256, 72, 105, 65], vec![256, 72, 105, 33]];
+    let prepared = Prepared { rows: rows.clone(), spans: vec![(3, 7), (3, 4), (3, 4)] };
     let logits: Vec<Vec<Vec<f32>>> = rows
         .iter()
         .map(|r| {
@@ -314,12 +322,53 @@ fn gpt_scores_match_its_logits_despite_padding() {
             model.forward(&idx, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap()
         })
         .collect();
-    let expected = TokenScores::from_logits(&rows, &logits).unwrap();
-    assert_eq!(scores.argmax, expected.argmax);
-    for (a, b) in scores.losses.iter().flatten().zip(expected.losses.iter().flatten()) {
-        assert!((a - b).abs() < 1e-4 || (a.is_nan() && b.is_nan()), "{a} vs {b}");
+    let expected = TokenScores::from_logits(&prepared, |r, t| &logits[r][t]).unwrap();
+    assert_eq!(expected.losses.iter().map(Vec::len).collect::<Vec<_>>(), [4, 1, 1]);
+    let native = NativeScorer::new(DecodeModel::from_gpt(&model).unwrap());
+    for _ in 0..2 {
+        // Twice: the second call reuses the native scorer's cache.
+        for scores in [model.score(&prepared).unwrap(), native.score(&prepared).unwrap()] {
+            assert_eq!(scores.argmax, expected.argmax);
+            for (a, b) in scores.losses.iter().flatten().zip(expected.losses.iter().flatten()) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+        }
     }
     assert_eq!(model.max_seq_len(), 320, "the rotary tables: 10 x sequence_len");
+    assert_eq!(native.max_seq_len(), 320);
+    let bad = Prepared { rows: rows.clone(), spans: vec![(0, 2), (3, 4), (3, 4)] };
+    assert!(native.score(&bad).is_err() && model.score(&bad).is_err(), "span starting at BOS");
+}
+
+#[test]
+fn native_scores_equal_gpt_scores_on_real_core_items() {
+    let bundle = Bundle::load(&bundle_dir()).unwrap();
+    let tok = byte_tokenizer();
+    let model = tiny_gpt(tok.vocab_size());
+    let native = NativeScorer::new(DecodeModel::from_gpt(&model).unwrap());
+    let (mut positions, mut same_argmax, mut worst) = (0usize, 0usize, 0f32);
+    for task in &bundle.tasks {
+        let all = bundle.load_items(task).unwrap();
+        let items: Vec<Item> = shuffled_order(all.len()).into_iter().take(2).map(|i| all[i].clone()).collect();
+        for (idx, item) in items.iter().enumerate() {
+            let shots: Vec<&Item> =
+                fewshot_indices(idx, items.len(), task.num_fewshot).iter().map(|&i| &items[i]).collect();
+            let prompts = render_prompts(item, &shots, &task.continuation_delimiter).unwrap();
+            let p = prepare(task.task_type, &prompts, &tok, model.max_seq_len()).unwrap();
+            let (g, n) = (model.score(&p).unwrap(), native.score(&p).unwrap());
+            for (a, b) in g.losses.iter().flatten().zip(n.losses.iter().flatten()) {
+                worst = worst.max((a - b).abs() / a.abs().max(1.0));
+            }
+            for (a, b) in g.argmax.iter().flatten().zip(n.argmax.iter().flatten()) {
+                positions += 1;
+                same_argmax += usize::from(a == b);
+            }
+            assert_eq!(judge(item, &p, &g).unwrap(), judge(item, &p, &n).unwrap(), "{} item {idx}", task.label);
+        }
+    }
+    assert!(worst < 1e-4, "largest relative loss difference {worst}");
+    // A random model's logits are nearly flat, so a rounding-level difference may flip a near tie.
+    assert!(same_argmax as f64 >= 0.99 * positions as f64, "{same_argmax} of {positions} argmax equal");
 }
 
 #[test]

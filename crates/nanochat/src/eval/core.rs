@@ -16,26 +16,28 @@
 //! - rows longer than the model's context lose their oldest tokens. The original never crops its own
 //!   GPT (only wrapped Hugging Face models); *ours* crops at the rotary table length, the longest input
 //!   the model can take, which is the same as not cropping wherever the original runs at all
-//! - all rows of an item in one padded forward pass; multiple choice and schema pick the option with
-//!   the lowest mean loss over its span (ties and NaN resolve as Python's `min` + `index`: the first
-//!   option wins unless a later one is strictly lower); language modeling is correct iff the greedy
-//!   argmax reproduces every continuation token
+//! - all rows of an item in one padded forward pass (on a GPU; *ours*, on the CPU: the rows' shared
+//!   prefix once, then each row's rest, through the native path, see [`NativeScorer`]); multiple
+//!   choice and schema pick the option with the lowest mean loss over its span (ties and NaN resolve
+//!   as Python's `min` + `index`: the first option wins unless a later one is strictly lower);
+//!   language modeling is correct iff the greedy argmax reproduces every continuation token
 //! - centered accuracy `(acc - b) / (1 - b)` with `b` the random baseline; CORE = mean over tasks
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use serde::Serialize;
 
 use super::bundle::{Bundle, Item, TaskSpec, TaskType};
-use crate::model::ops::cross_entropy_per_token;
+use crate::model::decode::{DecodeCache, DecodeModel};
 use crate::model::GPT;
 
-/// Per-position outputs of a model on a batch of token rows, each as long as its row: at position
-/// `t`, the loss (nats) of `row[t + 1]` and the argmax next-token prediction. The last position has
-/// no target: its loss is NaN.
+/// What a model says about the scored span of each row of an item: for every scored token
+/// `row[t]` (`t` in the row's span), its loss in nats and the model's greedy prediction for it,
+/// both from the logits at position `t - 1`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenScores {
     pub losses: Vec<Vec<f32>>,
@@ -43,43 +45,37 @@ pub struct TokenScores {
 }
 
 impl TokenScores {
-    /// Scores from full logits, `logits[row][t]` over the vocabulary: how a test double or any
-    /// model that exposes logits gets its scores (log-softmax loss; argmax ties: the lowest id).
-    pub fn from_logits(rows: &[Vec<u32>], logits: &[Vec<Vec<f32>>]) -> Result<Self> {
+    /// Scores of `prepared` from logits: `logits(r, t)` gives the vocabulary logits at position `t`
+    /// of row `r` (log-softmax loss; argmax ties go to the lowest id). How the GPT, the native
+    /// path and test doubles share one definition of the scores.
+    pub fn from_logits<'a>(prepared: &Prepared, mut logits: impl FnMut(usize, usize) -> &'a [f32]) -> Result<Self> {
         let (mut losses, mut argmax) = (Vec::new(), Vec::new());
-        for (row, row_logits) in rows.iter().zip(logits) {
-            if row.len() != row_logits.len() {
-                bail!("{} logit vectors for a row of {} tokens", row_logits.len(), row.len());
+        for (r, (row, &(s, e))) in prepared.rows.iter().zip(&prepared.spans).enumerate() {
+            if s == 0 || s > e || e > row.len() {
+                bail!("span {s}..{e} does not fit row {r} of {} tokens", row.len());
             }
-            let mut l = Vec::with_capacity(row.len());
-            let mut a = Vec::with_capacity(row.len());
-            for (t, z) in row_logits.iter().enumerate() {
+            let (mut l, mut a) = (Vec::with_capacity(e - s), Vec::with_capacity(e - s));
+            for (t, &next) in row.iter().enumerate().take(e).skip(s) {
+                let z = logits(r, t - 1);
                 let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let lse = max + z.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
-                l.push(match row.get(t + 1) {
-                    Some(&next) => {
-                        lse - z.get(next as usize).copied().ok_or_else(|| anyhow!("token {next} > vocab"))?
-                    }
-                    None => f32::NAN,
-                });
+                let next = next as usize;
+                l.push(lse - z.get(next).copied().ok_or_else(|| anyhow!("token {next} outside the vocabulary"))?);
                 a.push(z.iter().enumerate().fold(0, |best, (i, &x)| if x > z[best] { i } else { best }) as u32);
             }
             losses.push(l);
             argmax.push(a);
         }
-        if losses.len() != rows.len() {
-            bail!("logits for {} rows, expected {}", losses.len(), rows.len());
-        }
         Ok(Self { losses, argmax })
     }
 }
 
-/// What CORE needs of a model: its context length and next-token losses/predictions per row.
+/// What CORE needs of a model: its context length and the scores of an item's spans.
 pub trait LanguageModel {
     /// The longest row the model can take; longer rows lose their oldest tokens.
     fn max_seq_len(&self) -> usize;
-    /// Scores each row (rows may differ in length; padding is the implementation's business).
-    fn score(&self, rows: &[Vec<u32>]) -> Result<TokenScores>;
+    /// Scores the span of each row (rows may differ in length; padding is the implementation's business).
+    fn score(&self, prepared: &Prepared) -> Result<TokenScores>;
 }
 
 impl LanguageModel for GPT {
@@ -87,7 +83,8 @@ impl LanguageModel for GPT {
         self.rotary().0.dims().first().copied().unwrap_or(0)
     }
 
-    fn score(&self, rows: &[Vec<u32>]) -> Result<TokenScores> {
+    fn score(&self, prepared: &Prepared) -> Result<TokenScores> {
+        let rows = &prepared.rows;
         let b = rows.len();
         let t = rows.iter().map(Vec::len).max().unwrap_or(0);
         if b == 0 || t == 0 {
@@ -95,31 +92,77 @@ impl LanguageModel for GPT {
         }
         // Right padding is invisible to the real positions under causal attention; its value
         // (0 here, BOS in the original) only feeds positions that are never read.
-        let (mut inputs, mut targets) = (vec![0u32; b * t], vec![0i64; b * t]);
+        let mut inputs = vec![0u32; b * t];
         for (r, row) in rows.iter().enumerate() {
             inputs[r * t..r * t + row.len()].copy_from_slice(row);
-            for (k, &next) in row.iter().skip(1).enumerate() {
-                targets[r * t + k] = i64::from(next);
-            }
         }
-        let device = self.rotary().0.device().clone();
-        let idx = Tensor::from_vec(inputs, (b, t), &device)?;
-        let logits = self.forward(&idx, None)?; // (B, T, V)
-        let v = logits.dim(D::Minus1)?;
-        let argmax = logits.argmax(D::Minus1)?.to_vec2::<u32>()?; // (B, T)
-        let targets = Tensor::from_vec(targets, b * t, &device)?;
-        let (losses, _) = cross_entropy_per_token(&logits.reshape((b * t, v))?, &targets)?;
-        let losses = losses.to_vec1::<f32>()?;
-        let mut out = TokenScores { losses: Vec::with_capacity(b), argmax: Vec::with_capacity(b) };
-        for (r, (row, pred)) in rows.iter().zip(argmax).enumerate() {
-            let mut l = losses[r * t..r * t + row.len()].to_vec();
-            if let Some(last) = l.last_mut() {
-                *last = f32::NAN;
-            }
-            out.losses.push(l);
-            out.argmax.push(pred[..row.len()].to_vec());
+        let idx = Tensor::from_vec(inputs, (b, t), self.rotary().0.device())?;
+        let logits = self.forward(&idx, None)?.flatten_all()?.to_vec1::<f32>()?; // (B, T, V)
+        let v = logits.len() / (b * t);
+        TokenScores::from_logits(prepared, |r, p| &logits[(r * t + p) * v..(r * t + p + 1) * v])
+    }
+}
+
+/// CORE on the native CPU path ([`DecodeModel`]): the rows of an item share their few-shot
+/// context (and, for multiple choice, the question), so that prefix goes through the model once
+/// and is copied into every row's cache slot; only the rest of each row is computed, and the
+/// vocabulary projection only where a scored token is predicted. Same scores as the GPT's padded
+/// batch up to float rounding, several times faster.
+pub struct NativeScorer {
+    model: DecodeModel,
+    cache: RefCell<Option<DecodeCache>>,
+}
+
+impl NativeScorer {
+    pub fn new(model: DecodeModel) -> Self {
+        Self { model, cache: RefCell::new(None) }
+    }
+}
+
+impl LanguageModel for NativeScorer {
+    fn max_seq_len(&self) -> usize {
+        self.model.max_positions()
+    }
+
+    fn score(&self, prepared: &Prepared) -> Result<TokenScores> {
+        let rows = &prepared.rows;
+        let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
+        if rows.is_empty() || longest == 0 || rows.len() != prepared.spans.len() {
+            bail!("nothing to score: {} rows of at most {longest} tokens", rows.len());
         }
-        Ok(out)
+        if let Some((r, (s, e))) =
+            prepared.spans.iter().enumerate().find(|(r, &(s, e))| s == 0 || s > e || e > rows[*r].len())
+        {
+            bail!("span {s}..{e} does not fit row {r} of {} tokens", rows[r].len());
+        }
+        // The shared prefix ends before the first position whose logits any row needs.
+        let first_scored = prepared.spans.iter().map(|&(s, _)| s.saturating_sub(1)).min().unwrap_or(0);
+        let shared = (0..first_scored).take_while(|&i| rows.iter().all(|r| r.get(i) == Some(&rows[0][i]))).count();
+        let mut guard = self.cache.borrow_mut();
+        let fits = guard.as_ref().is_some_and(|c| c.slots() >= rows.len() && c.capacity() >= longest);
+        if !fits {
+            // Grown to the largest item seen so far, so a run allocates a handful of times.
+            let (slots, capacity) = guard.as_ref().map_or((0, 0), |c| (c.slots(), c.capacity()));
+            *guard = Some(self.model.new_cache(slots.max(rows.len()), capacity.max(longest))?);
+        }
+        let cache = guard.as_mut().context("the scoring cache")?;
+        cache.reset_slot(0)?;
+        if shared > 0 {
+            self.model.prefill_logits(cache, 0, &rows[0][..shared], shared)?;
+        }
+        for r in 1..rows.len() {
+            cache.copy_slot(0, r)?;
+        }
+        let vocab = self.model.config().vocab_size;
+        let mut logits = Vec::with_capacity(rows.len());
+        for (r, (row, &(s, _))) in rows.iter().zip(&prepared.spans).enumerate() {
+            // Logits from position s - 1 on: appended token s - 1 - shared.
+            logits.push(self.model.prefill_logits(cache, r, &row[shared..], s - 1 - shared)?);
+        }
+        TokenScores::from_logits(prepared, |r, p| {
+            let at = p + 1 - prepared.spans[r].0;
+            &logits[r][at * vocab..(at + 1) * vocab]
+        })
     }
 }
 
@@ -274,25 +317,22 @@ pub fn prepare(
 
 /// Whether the model got `item` right, from the scores of its prepared rows.
 pub fn judge(item: &Item, prepared: &Prepared, scores: &TokenScores) -> Result<bool> {
-    let span_of = |r: usize| -> Result<(usize, usize)> {
-        let (s, e) = *prepared.spans.get(r).ok_or_else(|| anyhow!("no row {r}"))?;
-        let len = scores.losses.get(r).map_or(0, Vec::len).min(scores.argmax.get(r).map_or(0, Vec::len));
-        if s == 0 || e > len || s > e {
-            bail!("span {s}..{e} does not fit the {len} scores of row {r}");
-        }
-        Ok((s, e))
+    let rows = prepared.rows.len();
+    let fits = |r: usize| {
+        let (s, e) = prepared.spans[r];
+        scores.losses.get(r).map(Vec::len) == Some(e - s) && scores.argmax.get(r).map(Vec::len) == Some(e - s)
     };
+    if prepared.spans.len() != rows || !(0..rows).all(fits) {
+        bail!("the scores do not match the spans of the item's {rows} rows");
+    }
     match item {
         Item::LanguageModeling { .. } => {
-            let (s, e) = span_of(0)?;
-            // The prediction at position t is for token t + 1.
-            Ok(scores.argmax[0][s - 1..e - 1] == prepared.rows[0][s..e])
+            let (s, e) = prepared.spans[0];
+            Ok(scores.argmax[0] == prepared.rows[0][s..e])
         }
         Item::MultipleChoice { gold, .. } | Item::Schema { gold, .. } => {
             let mut best: Option<(usize, f64)> = None;
-            for r in 0..prepared.rows.len() {
-                let (s, e) = span_of(r)?;
-                let span = &scores.losses[r][s - 1..e - 1];
+            for (r, span) in scores.losses.iter().enumerate() {
                 // An empty span has mean NaN, as torch's mean of nothing.
                 let mean = span.iter().map(|&x| f64::from(x)).sum::<f64>() / span.len() as f64;
                 if best.is_none_or(|(_, b)| mean < b) {
@@ -369,7 +409,7 @@ pub fn evaluate_task(
         let judged = (|| {
             let prompts = render_prompts(item, &shots, &task.continuation_delimiter)?;
             let prepared = prepare(task.task_type, &prompts, tokenizer, max_len)?;
-            let scores = model.score(&prepared.rows)?;
+            let scores = model.score(&prepared)?;
             judge(item, &prepared, &scores)
         })()
         .with_context(|| format!("task {}, item {idx} (after the shuffle)", task.label))?;
@@ -443,5 +483,10 @@ pub fn evaluate_core(
         );
     }
     let bundle = Bundle::load_or_download(bundle_dir)?;
-    evaluate_bundle(model, tokenizer, &bundle, max_per_task)
+    if model.rotary().0.device().is_cpu() {
+        let native = NativeScorer::new(DecodeModel::from_gpt(model)?);
+        evaluate_bundle(&native, tokenizer, &bundle, max_per_task)
+    } else {
+        evaluate_bundle(model, tokenizer, &bundle, max_per_task)
+    }
 }

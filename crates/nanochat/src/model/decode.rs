@@ -159,22 +159,55 @@ impl DecodeModel {
     /// last token. Nothing changes if the tokens do not fit.
     pub fn prefill<'c>(&self, cache: &'c mut DecodeCache, slot: usize, tokens: &[u32]) -> Result<&'c [f32]> {
         ensure!(!tokens.is_empty(), "prefill needs at least one token");
+        self.append(cache, slot, tokens, tokens.len() - 1, |_| {})?;
+        Ok(&cache.scratch.logits[..self.config.vocab_size])
+    }
+
+    /// Appends `tokens` to `slot` like [`prefill`](Self::prefill) and returns the logits after each
+    /// of `tokens[from..]`, (len - from) × vocab_size: what scoring a continuation needs, without
+    /// paying the vocabulary projection for its context.
+    pub fn prefill_logits(
+        &self,
+        cache: &mut DecodeCache,
+        slot: usize,
+        tokens: &[u32],
+        from: usize,
+    ) -> Result<Vec<f32>> {
+        ensure!(from <= tokens.len(), "logits from token {from} of {}", tokens.len());
+        let mut out = Vec::with_capacity((tokens.len() - from) * self.config.vocab_size);
+        self.append(cache, slot, tokens, from, |logits| out.extend_from_slice(logits))?;
+        Ok(out)
+    }
+
+    /// Pushes `tokens` through the model in chunks into `slot`, handing the logits after each of
+    /// `tokens[logits_from..]` to `sink` chunk by chunk.
+    fn append(
+        &self,
+        cache: &mut DecodeCache,
+        slot: usize,
+        tokens: &[u32],
+        logits_from: usize,
+        mut sink: impl FnMut(&[f32]),
+    ) -> Result<()> {
         ensure!(slot < cache.slots, "slot {slot} out of range: the cache has {} slots", cache.slots);
         self.check_tokens(tokens)?;
         let start = cache.pos[slot];
         cache.check_room(slot, tokens.len())?;
         for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            let offset = i * PREFILL_CHUNK;
             let s = &mut cache.scratch;
             s.slot.clear();
             s.slot.resize(chunk.len(), slot);
             s.pos.clear();
-            s.pos.extend((0..chunk.len()).map(|t| start + i * PREFILL_CHUNK + t));
+            s.pos.extend((0..chunk.len()).map(|t| start + offset + t));
             s.token.clear();
             s.token.extend_from_slice(chunk);
-            self.forward(cache, true);
+            let first = logits_from.saturating_sub(offset).min(chunk.len());
+            self.forward(cache, first);
+            sink(&cache.scratch.logits[..(chunk.len() - first) * self.config.vocab_size]);
         }
         cache.pos[slot] += tokens.len();
-        Ok(&cache.scratch.logits[..self.config.vocab_size])
+        Ok(())
     }
 
     /// Decodes one token for each of `rows` (slot, token), all slots distinct, and returns their
@@ -196,7 +229,7 @@ impl DecodeModel {
             s.token.push(token);
         }
         self.check_tokens(&cache.scratch.token)?;
-        self.forward(cache, false);
+        self.forward(cache, 0);
         for &(slot, _) in rows {
             cache.pos[slot] += 1;
         }
@@ -212,9 +245,9 @@ impl DecodeModel {
     }
 
     /// Runs the tokens staged in the scratch (slot, position, token) through the model, writes
-    /// their keys and values into the cache and the logits of the last token (`last_only`) or of
-    /// every token into `scratch.logits`. The caller has validated slots, positions and tokens.
-    fn forward(&self, cache: &mut DecodeCache, last_only: bool) {
+    /// their keys and values into the cache and the logits of the tokens from `logits_from` on
+    /// into `scratch.logits`. The caller has validated slots, positions and tokens.
+    fn forward(&self, cache: &mut DecodeCache, logits_from: usize) {
         let cfg = &self.config;
         let (c, hd, nh, nkv) = (cfg.n_embd, cfg.head_dim(), cfg.n_head, cfg.n_kv_head);
         let (kvd, vocab, cap) = (nkv * hd, cfg.vocab_size, cache.capacity);
@@ -285,8 +318,11 @@ impl DecodeModel {
         }
 
         // logits = softcap(lm_head(norm(x))) for the rows that need them
-        let first = if last_only { n - 1 } else { 0 };
+        let first = logits_from.min(n);
         let rows = n - first;
+        if rows == 0 {
+            return;
+        }
         for i in first..n {
             kernels::rms_norm(&s.x[i * c..(i + 1) * c], &mut s.xn[i * c..(i + 1) * c]);
         }
