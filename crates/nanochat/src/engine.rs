@@ -16,7 +16,8 @@
 //! Two backends run the model ([`Backend`]): on the CPU the native path of `model::decode` (plain
 //! buffers, no per-token allocation, several times faster), elsewhere the candle GPT with its
 //! [`KvCache`]. Both compute the same logits (within float rounding), so the choice does not change
-//! what is generated beyond ties.
+//! what is generated beyond ties. The native backend can also keep its matrices in bf16 or int8
+//! ([`WeightFormat`], [`Engine::with_weights`]): faster decoding, slightly different logits.
 //!
 //! One deliberate difference: the original samples the first token once from the batch-1 prefill and
 //! copies it to every row; here each row samples its own first token from the same logits, so N
@@ -30,7 +31,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::calculator::calculate;
-use crate::model::decode::{DecodeCache, DecodeModel};
+use crate::model::decode::{DecodeCache, DecodeModel, WeightFormat};
 use crate::model::{KvCache, GPT};
 
 /// Complete sequences, one per sample, and their masks: what [`Engine::generate_batch`] returns.
@@ -163,13 +164,36 @@ impl Engine {
     /// The native backend copies the weights now: later changes to the model's parameters (an
     /// optimizer step) are not seen until a new engine is built, as RL does every step.
     pub fn new(model: GPT, tokenizer: bpe::Tokenizer) -> Result<Self> {
-        let backend = if model.rotary().0.device().is_cpu() { Backend::Native } else { Backend::Candle };
-        Self::with_backend(model, tokenizer, backend)
+        Self::with_weights(model, tokenizer, WeightFormat::F32)
+    }
+
+    /// [`Engine::new`] with the native backend's matrices stored in `weights`. Only the native
+    /// backend has reduced-precision weights, so bf16 or int8 choose it even for a model on a GPU
+    /// (which then decodes on the CPU from a host copy).
+    pub fn with_weights(model: GPT, tokenizer: bpe::Tokenizer, weights: WeightFormat) -> Result<Self> {
+        let on_cpu = model.rotary().0.device().is_cpu();
+        let backend = if on_cpu || weights != WeightFormat::F32 { Backend::Native } else { Backend::Candle };
+        Self::with_backend_and_weights(model, tokenizer, backend, weights)
     }
 
     /// An engine on the given backend (benchmarks compare the two; the native one also runs a
     /// model that lives on a GPU, from a host copy of its weights).
     pub fn with_backend(model: GPT, tokenizer: bpe::Tokenizer, backend: Backend) -> Result<Self> {
+        Self::with_backend_and_weights(model, tokenizer, backend, WeightFormat::F32)
+    }
+
+    /// [`Engine::with_backend`] with the native backend's matrices in `weights`; the candle
+    /// backend only runs f32 (its model's own weights), so it refuses any other format.
+    pub fn with_backend_and_weights(
+        model: GPT,
+        tokenizer: bpe::Tokenizer,
+        backend: Backend,
+        weights: WeightFormat,
+    ) -> Result<Self> {
+        ensure!(
+            backend == Backend::Native || weights == WeightFormat::F32,
+            "{weights} weights need the native backend; the candle backend runs the model's f32 weights"
+        );
         ensure!(
             tokenizer.vocab_size() <= model.config().vocab_size,
             "the tokenizer has {} ids but the model only {}: they do not belong together",
@@ -179,7 +203,7 @@ impl Engine {
         let specials = Specials::from_tokenizer(&tokenizer)?;
         let device = model.rotary().0.device().clone();
         let native = match backend {
-            Backend::Native => Some(DecodeModel::from_gpt(&model)?),
+            Backend::Native => Some(DecodeModel::from_gpt_with(&model, weights)?),
             Backend::Candle => None,
         };
         Ok(Self { model, native, tokenizer, specials, device })
@@ -201,6 +225,11 @@ impl Engine {
         } else {
             Backend::Candle
         }
+    }
+
+    /// The format of the weights that generate: the native model's, or f32 for the candle backend.
+    pub fn weights(&self) -> WeightFormat {
+        self.native.as_ref().map_or(WeightFormat::F32, DecodeModel::format)
     }
 
     pub fn tokenizer(&self) -> &bpe::Tokenizer {

@@ -7,13 +7,17 @@
 //!   once, so weight bytes × tokens/s over the triad bandwidth says how close to the memory limit
 //!   the kernels run.
 //!
+//! `--weights f32,bf16,int8` measures the native path with its matrices in each format, back to
+//! back (one column each), so their ratios hold even on a busy machine. `--quality N` instead scores
+//! a checkpoint in all three formats on N validation rows (loss, bits per byte, perplexity change).
+//!
 //! Every figure is the median of `--runs` runs after one warm-up (the triad: the best run). Prints a
 //! table and one JSON line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, IndexOp, Tensor};
 use clap::Args;
 use rand::rngs::StdRng;
@@ -22,7 +26,9 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use crate::checkpoint;
-use crate::model::decode::DecodeModel;
+use crate::data::dataset::{self, Split};
+use crate::data::loader::{Loader, LoaderConfig};
+use crate::model::decode::{quality, DecodeModel, WeightFormat};
 use crate::model::{KvCache, GPT};
 
 #[derive(Args, Debug)]
@@ -41,6 +47,16 @@ pub struct DecodeBenchArgs {
     /// Skip the candle path (slow).
     #[arg(long)]
     pub skip_candle: bool,
+    /// Formats of the native path's matrices to measure, comma-separated (f32, bf16, int8).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
+    pub weights: Vec<WeightFormat>,
+    /// Instead of speed, score the --checkpoint model in f32, bf16 and int8 on this many
+    /// validation rows of its sequence length (from the last shard under --data-dir).
+    #[arg(long, requires = "checkpoint")]
+    pub quality: Option<usize>,
+    /// Shard directory for --quality [default: $NANOCHAT_BASE_DIR/base_data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Prompt length of the decode runs.
@@ -60,7 +76,10 @@ struct Figures {
 }
 
 pub fn run(args: &DecodeBenchArgs) -> Result<()> {
-    let gpt = build_model(args)?;
+    if let Some(rows) = args.quality {
+        return run_quality(args, rows);
+    }
+    let gpt = build_model(args, None)?;
     let config = gpt.config().clone();
     let runs = args.runs.max(1);
     let mut rng = StdRng::seed_from_u64(0);
@@ -69,13 +88,21 @@ pub fn run(args: &DecodeBenchArgs) -> Result<()> {
     let decode_prompt = prompt(DECODE_PROMPT);
     let new = args.new_tokens.max(1);
 
-    let native = DecodeModel::from_gpt(&gpt)?;
-    let mut fast = Figures::default();
-    for p in &ttft_prompts {
-        fast.ttft_ms.push(1e3 * median(runs, || native_ttft(&native, p))?);
-    }
-    for &b in &BATCHES {
-        fast.decode_tok_s.push((b * new) as f64 / median(runs, || native_decode(&native, &decode_prompt, b, new))?);
+    let mut formats = args.weights.clone();
+    formats.dedup();
+    ensure!(!formats.is_empty(), "--weights needs at least one format");
+    // one native model at a time, so that only one copy of the weights competes for the caches
+    let mut natives = Vec::with_capacity(formats.len());
+    for &format in &formats {
+        let native = DecodeModel::from_gpt_with(&gpt, format)?;
+        let mut fast = Figures::default();
+        for p in &ttft_prompts {
+            fast.ttft_ms.push(1e3 * median(runs, || native_ttft(&native, p))?);
+        }
+        for &b in &BATCHES {
+            fast.decode_tok_s.push((b * new) as f64 / median(runs, || native_decode(&native, &decode_prompt, b, new))?);
+        }
+        natives.push((format, native.weight_bytes_per_step(), fast));
     }
     let slow = if args.skip_candle {
         None
@@ -90,41 +117,41 @@ pub fn run(args: &DecodeBenchArgs) -> Result<()> {
         Some(slow)
     };
     let triad_gb_s = triad_bandwidth(runs)? / 1e9;
-    let bytes = native.weight_bytes_per_step();
-    let fraction = bytes as f64 * fast.decode_tok_s[0] / (triad_gb_s * 1e9);
+    let fraction = |bytes: usize, f: &Figures| bytes as f64 * f.decode_tok_s[0] / (triad_gb_s * 1e9);
 
     println!(
         "nanochat bench decode: {config:?}, {} rayon threads, median of {runs} runs",
         rayon::current_num_threads()
     );
-    println!("{:<28} {:>12} {:>12}", "", "native", "candle");
+    let mut header = format!("{:<28}", "");
+    for (format, _, _) in &natives {
+        header.push_str(&format!(" {:>12}", format!("native {format}")));
+    }
+    println!("{header} {:>12}", "candle");
     let cell =
         |f: Option<&Figures>, pick: &dyn Fn(&Figures) -> f64| f.map_or("-".into(), |f| format!("{:.1}", pick(f)));
+    let print_row = |label: String, pick: &dyn Fn(&Figures) -> f64| {
+        let mut line = format!("{label:<28}");
+        for (_, _, fast) in &natives {
+            line.push_str(&format!(" {:>12}", cell(Some(fast), pick)));
+        }
+        println!("{line} {:>12}", cell(slow.as_ref(), pick));
+    };
     for (i, n) in TTFT_PROMPTS.iter().enumerate() {
-        let pick = |f: &Figures| f.ttft_ms[i];
-        println!(
-            "{:<28} {:>12} {:>12}",
-            format!("TTFT {n}-token prompt (ms)"),
-            cell(Some(&fast), &pick),
-            cell(slow.as_ref(), &pick)
-        );
+        print_row(format!("TTFT {n}-token prompt (ms)"), &|f: &Figures| f.ttft_ms[i]);
     }
     for (i, b) in BATCHES.iter().enumerate() {
-        let pick = |f: &Figures| f.decode_tok_s[i];
+        print_row(format!("decode batch {b} (tok/s)"), &|f: &Figures| f.decode_tok_s[i]);
+    }
+    println!("triad bandwidth {triad_gb_s:.1} GB/s");
+    for (format, bytes, fast) in &natives {
         println!(
-            "{:<28} {:>12} {:>12}",
-            format!("decode batch {b} (tok/s)"),
-            cell(Some(&fast), &pick),
-            cell(slow.as_ref(), &pick)
+            "{format:>4} weights: batch-1 decode reads {:.1} MB per token = {:.1} GB/s, {:.0}% of triad",
+            *bytes as f64 / 1e6,
+            *bytes as f64 * fast.decode_tok_s[0] / 1e9,
+            100.0 * fraction(*bytes, fast)
         );
     }
-    println!(
-        "triad bandwidth {triad_gb_s:.1} GB/s; batch-1 decode reads {:.1} MB of weights per token = {:.1} GB/s, \
-         {:.0}% of triad",
-        bytes as f64 / 1e6,
-        bytes as f64 * fast.decode_tok_s[0] / 1e9,
-        100.0 * fraction
-    );
     let figures = |f: &Figures| {
         json!({
             "ttft_ms_100": round2(f.ttft_ms[0]),
@@ -133,30 +160,136 @@ pub fn run(args: &DecodeBenchArgs) -> Result<()> {
             "decode_tok_s_b8": round2(f.decode_tok_s[1]),
         })
     };
+    // "native" and its byte figures are the first format's, as before formats existed; every
+    // format's figures are under "formats"
+    let (first_format, first_bytes, first) = &natives[0];
+    let by_format: serde_json::Map<String, serde_json::Value> = natives
+        .iter()
+        .map(|(format, bytes, fast)| {
+            let mut entry = figures(fast);
+            entry["weight_bytes_per_token"] = json!(bytes);
+            entry["b1_bandwidth_fraction"] = json!(round2(fraction(*bytes, fast) * 100.0) / 100.0);
+            (format.to_string(), entry)
+        })
+        .collect();
     let line = json!({
         "impl": "rust",
         "threads": rayon::current_num_threads(),
         "config": config,
-        "native": figures(&fast),
+        "weights": first_format,
+        "native": figures(first),
+        "formats": by_format,
         "candle": slow.as_ref().map(figures),
         "triad_gb_s": round2(triad_gb_s),
-        "weight_bytes_per_token": bytes,
-        "b1_bandwidth_fraction": round2(fraction * 100.0) / 100.0,
+        "weight_bytes_per_token": first_bytes,
+        "b1_bandwidth_fraction": round2(fraction(*first_bytes, first) * 100.0) / 100.0,
     });
     println!("{line}");
     Ok(())
+}
+
+/// `--quality N`: the checkpoint's loss and bits per byte on N validation rows with its matrices
+/// in f32, bf16 and int8, and the change of each from f32.
+fn run_quality(args: &DecodeBenchArgs, rows: usize) -> Result<()> {
+    ensure!(rows > 0, "--quality needs at least one row");
+    let tokenizer = crate::tokenizer::load()?;
+    let gpt = build_model(args, Some(&tokenizer))?;
+    let seq_len = gpt.config().sequence_len;
+    let data_dir = args.data_dir.clone().unwrap_or_else(dataset::data_dir);
+    let rows = validation_rows(&tokenizer, &data_dir, seq_len, rows)?;
+    let token_bytes = tokenizer.token_bytes();
+    println!(
+        "nanochat bench decode --quality: {} validation rows of {} tokens from {}",
+        rows.len(),
+        seq_len + 1,
+        data_dir.display()
+    );
+    println!(
+        "{:<8} {:>10} {:>10} {:>10} {:>12} {:>12} {:>10}",
+        "weights", "MB/step", "loss", "bpb", "ppl vs f32", "bpb vs f32", "seconds"
+    );
+    let mut results = Vec::new();
+    for format in WeightFormat::ALL {
+        let model = DecodeModel::from_gpt_with(&gpt, format)?;
+        let start = Instant::now();
+        let q = quality::evaluate(&model, &rows, &token_bytes)?;
+        let secs = start.elapsed().as_secs_f64();
+        let base = results.first().map_or(q, |(_, _, b): &(WeightFormat, usize, quality::Quality)| *b);
+        let ppl_change = 100.0 * (q.perplexity() / base.perplexity() - 1.0);
+        let bpb_change = 100.0 * (q.bpb / base.bpb - 1.0);
+        println!(
+            "{:<8} {:>10.1} {:>10.5} {:>10.5} {:>11.3}% {:>11.3}% {:>10.1}",
+            format.name(),
+            model.weight_bytes_per_step() as f64 / 1e6,
+            q.loss,
+            q.bpb,
+            ppl_change,
+            bpb_change,
+            secs
+        );
+        results.push((format, model.weight_bytes_per_step(), q));
+    }
+    let base = results[0].2;
+    let entries: serde_json::Map<String, serde_json::Value> = results
+        .iter()
+        .map(|(format, bytes, q)| {
+            let entry = json!({
+                "loss": q.loss,
+                "bpb": q.bpb,
+                "weight_bytes_per_token": bytes,
+                "ppl_change_pct": 100.0 * (q.perplexity() / base.perplexity() - 1.0),
+                "bpb_change_pct": 100.0 * (q.bpb / base.bpb - 1.0),
+            });
+            (format.to_string(), entry)
+        })
+        .collect();
+    let line = json!({
+        "impl": "rust",
+        "quality_rows": rows.len(),
+        "targets": base.targets,
+        "config": gpt.config(),
+        "formats": entries,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// The first `n` rows of `seq_len + 1` tokens of the validation split, packed as training packs
+/// them (documents concatenated, each after a BOS), so every token after the first is a target.
+fn validation_rows(tokenizer: &bpe::Tokenizer, data_dir: &Path, seq_len: usize, n: usize) -> Result<Vec<Vec<u32>>> {
+    let cfg = LoaderConfig { epochs: Some(1), ..LoaderConfig::new(data_dir.to_path_buf(), Split::Val, 1, seq_len) };
+    let mut rows = Vec::with_capacity(n);
+    for batch in Loader::new(tokenizer, &cfg, None)?.take(n) {
+        let batch = batch?;
+        // stream packing: the targets are the inputs shifted by one, so the row is the inputs
+        // plus the last target
+        ensure!(
+            batch.inputs.len() == seq_len
+                && batch.targets.len() == seq_len
+                && batch.inputs[1..].iter().zip(&batch.targets).all(|(&i, &t)| i64::from(i) == t),
+            "the validation loader's targets are not its inputs shifted by one"
+        );
+        let Some(&last) = batch.targets.last() else { bail!("an empty validation row") };
+        let mut row = batch.inputs;
+        row.push(u32::try_from(last).context("a validation target outside the vocabulary")?);
+        rows.push(row);
+    }
+    ensure!(!rows.is_empty(), "no validation rows in {}", data_dir.display());
+    Ok(rows)
 }
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// The random model (v0 init) of the flags, or the checkpoint's model.
-fn build_model(args: &DecodeBenchArgs) -> Result<GPT> {
+/// The random model (v0 init) of the flags, or the checkpoint's model (checked against
+/// `tokenizer` when one is given).
+fn build_model(args: &DecodeBenchArgs, tokenizer: Option<&bpe::Tokenizer>) -> Result<GPT> {
     let device = Device::Cpu;
     if let Some(dir) = &args.checkpoint {
         let step = checkpoint::latest_step(dir)?.with_context(|| format!("no checkpoint in {}", dir.display()))?;
-        let ckpt = checkpoint::load(dir, step, &device, false, None)?;
+        let fingerprint = tokenizer.map(|t| t.fingerprint());
+        let ckpt = checkpoint::load(dir, step, &device, false, fingerprint.as_deref())?;
         return Ok(checkpoint::model_from_checkpoint(&ckpt, &device)?.0);
     }
     let config = args.shape.config();

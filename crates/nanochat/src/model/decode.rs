@@ -12,12 +12,21 @@
 //! Each slot of a [`DecodeCache`] has its own position, so rows of different lengths decode in one
 //! [`DecodeModel::step`]: the engine prefills a prompt into slot 0 and copies it into the others,
 //! and a server can fill and free slots independently (continuous batching).
+//!
+//! Since the step is bound by the bytes it streams, the matrices can also be kept in bf16 (half
+//! the bytes) or int8 with a scale per output row (a quarter), see [`WeightFormat`]; activations,
+//! the embedding table, the KV cache and all arithmetic stay f32. [`quality`] measures what the
+//! rounding costs in loss.
 
 mod kernels;
+pub mod quality;
+
+use std::fmt;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use super::gpt::{GPTConfig, GPT};
 
@@ -27,21 +36,191 @@ const SOFTCAP: f32 = 15.0;
 /// (the MLP's is chunk × 4 × n_embd) for long prompts.
 const PREFILL_CHUNK: usize = 512;
 
+/// How a [`DecodeModel`] stores its matrices, i.e. how many bytes a batch-1 step streams per weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    /// The trained weights as they are (4 bytes each).
+    #[default]
+    #[value(name = "f32")]
+    F32,
+    /// Rounded to bfloat16, to nearest even like torch's `.to(torch.bfloat16)` (2 bytes).
+    #[value(name = "bf16")]
+    Bf16,
+    /// Symmetric int8 with one f32 scale per output row, `scale = max|w_row| / 127` (1 byte).
+    #[value(name = "int8")]
+    Int8,
+}
+
+impl WeightFormat {
+    pub const ALL: [WeightFormat; 3] = [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::Int8];
+
+    /// The name the `--weights` flags take.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Bf16 => "bf16",
+            WeightFormat::Int8 => "int8",
+        }
+    }
+}
+
+impl fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The bfloat16 bits of `x`, rounded to nearest, ties to even, as torch's `round_to_nearest_even`
+/// does (NaN becomes the quiet NaN 0x7FC0; values past the largest bf16 round to infinity).
+pub fn bf16_from_f32(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7FC0;
+    }
+    let bits = x.to_bits();
+    // adding 0x7FFF rounds the dropped half down below the midpoint and up above it; the lowest
+    // kept bit breaks ties towards even. No overflow: the largest non-NaN bits are -inf's, 0xFF800000.
+    let bias = 0x7FFF + ((bits >> 16) & 1);
+    ((bits + bias) >> 16) as u16
+}
+
+/// The f32 value of the bfloat16 bits `b` (exact: bf16 is the high half of an f32).
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+/// Symmetric int8 quantisation of one row: `(scale, q)` with `scale = max|w| / 127` and
+/// `q = round(w / scale)` (half away from zero); an all-zero row gets scale 0 and q = 0.
+fn quantize_row(row: &[f32], q: &mut [i8]) -> f32 {
+    let max = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if max == 0.0 || !max.is_finite() {
+        q.fill(0);
+        return if max.is_finite() { 0.0 } else { f32::NAN };
+    }
+    let scale = max / 127.0;
+    for (q, &v) in q.iter_mut().zip(row) {
+        // |v / scale| <= 127 up to rounding; the clamp makes that exact before the cast
+        *q = (v / scale).round().clamp(-127.0, 127.0) as i8;
+    }
+    scale
+}
+
+/// The storage of one weight matrix in a [`WeightFormat`].
+enum MatrixData {
+    F32(Vec<f32>),
+    /// bf16 bits.
+    Bf16(Vec<u16>),
+    /// Row `j` is `scale[j] · q[j]`.
+    Int8 {
+        q: Vec<i8>,
+        scale: Vec<f32>,
+    },
+}
+
+/// A weight matrix, rows × cols row-major (out × in, like torch's `Linear.weight`), stored in one
+/// of the [`WeightFormat`]s; [`Matrix::linear`] computes `x · Wᵀ` in any of them.
+pub struct Matrix {
+    rows: usize,
+    cols: usize,
+    data: MatrixData,
+}
+
+impl Matrix {
+    /// `w` (rows × cols, row-major) converted to `format`.
+    pub fn new(w: Vec<f32>, rows: usize, cols: usize, format: WeightFormat) -> Result<Self> {
+        ensure!(w.len() == rows * cols, "a {rows} x {cols} matrix from {} values", w.len());
+        let data = match format {
+            WeightFormat::F32 => MatrixData::F32(w),
+            WeightFormat::Bf16 => MatrixData::Bf16(w.par_iter().map(|&v| bf16_from_f32(v)).collect()),
+            WeightFormat::Int8 => {
+                let mut q = vec![0i8; w.len()];
+                let mut scale = vec![0.0f32; rows];
+                if cols > 0 {
+                    q.par_chunks_mut(cols)
+                        .zip(w.par_chunks(cols))
+                        .zip(scale.par_iter_mut())
+                        .for_each(|((q, row), s)| *s = quantize_row(row, q));
+                }
+                MatrixData::Int8 { q, scale }
+            }
+        };
+        Ok(Self { rows, cols, data })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        match self.data {
+            MatrixData::F32(_) => WeightFormat::F32,
+            MatrixData::Bf16(_) => WeightFormat::Bf16,
+            MatrixData::Int8 { .. } => WeightFormat::Int8,
+        }
+    }
+
+    /// Bytes of storage, all of which one product with it reads.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            MatrixData::F32(w) => 4 * w.len(),
+            MatrixData::Bf16(w) => 2 * w.len(),
+            MatrixData::Int8 { q, scale } => q.len() + 4 * scale.len(),
+        }
+    }
+
+    /// The weights the kernels multiply with, widened back to f32 (rows × cols).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match &self.data {
+            MatrixData::F32(w) => w.clone(),
+            MatrixData::Bf16(w) => w.iter().map(|&b| bf16_to_f32(b)).collect(),
+            MatrixData::Int8 { q, scale } => {
+                q.iter().enumerate().map(|(i, &q)| f32::from(q) * scale[i / self.cols.max(1)]).collect()
+            }
+        }
+    }
+
+    /// `out (n × rows) = x (n × cols) · Wᵀ`, or `out += ...` with `accumulate`. `scratch` holds the
+    /// weights widened to f32 for the GEMM of long prefills in bf16 and int8 (reused, so keep it
+    /// across calls). An error if the slices are too short.
+    pub fn linear(&self, x: &[f32], n: usize, out: &mut [f32], accumulate: bool, scratch: &mut Vec<f32>) -> Result<()> {
+        ensure!(x.len() >= n * self.cols, "{} inputs for {n} rows of {}", x.len(), self.cols);
+        ensure!(out.len() >= n * self.rows, "{} outputs for {n} rows of {}", out.len(), self.rows);
+        self.apply(x, n, out, accumulate, scratch);
+        Ok(())
+    }
+
+    /// [`Matrix::linear`] for callers that sized the buffers themselves (the forward pass).
+    fn apply(&self, x: &[f32], n: usize, out: &mut [f32], accumulate: bool, scratch: &mut Vec<f32>) {
+        let (k, m) = (self.cols, self.rows);
+        match &self.data {
+            MatrixData::F32(w) => kernels::linear(x, n, k, w, m, out, accumulate),
+            MatrixData::Bf16(w) => kernels::linear_bf16(x, n, k, w, m, out, accumulate, scratch),
+            MatrixData::Int8 { q, scale } => kernels::linear_int8(x, n, k, q, scale, m, out, accumulate, scratch),
+        }
+    }
+}
+
 /// One block's weights, row-major (out × in) like torch's `Linear.weight`.
 struct Layer {
     /// c_q, c_k and c_v stacked: (n_embd + 2 · kv_dim) × n_embd, one pass over x for all three.
-    qkv: Vec<f32>,
-    attn_proj: Vec<f32>,
-    fc: Vec<f32>,
-    mlp_proj: Vec<f32>,
+    qkv: Matrix,
+    attn_proj: Matrix,
+    fc: Matrix,
+    mlp_proj: Matrix,
 }
 
 /// The GPT's weights and rotary tables, ready for [`DecodeModel::prefill`] and [`DecodeModel::step`].
 pub struct DecodeModel {
     config: GPTConfig,
+    format: WeightFormat,
+    /// The embedding stays f32 in every format: a token reads one row of it, not the whole table.
     wte: Vec<f32>,
     layers: Vec<Layer>,
-    lm_head: Vec<f32>,
+    lm_head: Matrix,
     /// bf16-rounded cos and sin, (positions × head_dim/2), shared with `GPT::rotary`.
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -75,6 +254,8 @@ struct Scratch {
     y: Vec<f32>,
     hidden: Vec<f32>,
     logits: Vec<f32>,
+    /// bf16 / int8 weights widened to f32, a block at a time, for the prefill GEMM.
+    dequant: Vec<f32>,
 }
 
 fn grow(buf: &mut Vec<f32>, len: usize) {
@@ -88,8 +269,14 @@ fn host_vec(t: &Tensor) -> Result<Vec<f32>> {
 }
 
 impl DecodeModel {
-    /// Copies the weights and rotary tables of `gpt` (from any device) into host memory.
+    /// Copies the weights and rotary tables of `gpt` (from any device) into host memory, as f32.
     pub fn from_gpt(gpt: &GPT) -> Result<Self> {
+        Self::from_gpt_with(gpt, WeightFormat::F32)
+    }
+
+    /// [`from_gpt`](Self::from_gpt) with the matrices stored in `format` (the embedding table and
+    /// everything else stay f32).
+    pub fn from_gpt_with(gpt: &GPT, format: WeightFormat) -> Result<Self> {
         let config = gpt.config().clone();
         let named = gpt.named_weights();
         let shapes = config.param_shapes();
@@ -103,22 +290,35 @@ impl DecodeModel {
         let mut weights = weights.into_iter();
         let mut next = || weights.next().context("fewer weights than the config lists");
         let wte = next()?;
+        let c = config.n_embd;
+        let kvd = config.n_kv_head * config.head_dim();
+        let matrix = |w: Vec<f32>, rows: usize, cols: usize| Matrix::new(w, rows, cols, format);
         let mut layers = Vec::with_capacity(config.n_layer);
         for _ in 0..config.n_layer {
             let (q, k, v) = (next()?, next()?, next()?);
-            let qkv = [q, k, v].concat();
-            layers.push(Layer { qkv, attn_proj: next()?, fc: next()?, mlp_proj: next()? });
+            let qkv = matrix([q, k, v].concat(), c + 2 * kvd, c)?;
+            layers.push(Layer {
+                qkv,
+                attn_proj: matrix(next()?, c, c)?,
+                fc: matrix(next()?, 4 * c, c)?,
+                mlp_proj: matrix(next()?, c, 4 * c)?,
+            });
         }
-        let lm_head = next()?;
+        let lm_head = matrix(next()?, config.vocab_size, c)?;
         let (cos, sin) = gpt.rotary();
         let rotary_len = cos.dim(0)?;
         let (cos, sin) = (host_vec(cos)?, host_vec(sin)?);
         ensure!(cos.len() == rotary_len * config.head_dim() / 2, "unexpected rotary table size");
-        Ok(Self { config, wte, layers, lm_head, cos, sin, rotary_len })
+        Ok(Self { config, format, wte, layers, lm_head, cos, sin, rotary_len })
     }
 
     pub fn config(&self) -> &GPTConfig {
         &self.config
+    }
+
+    /// How the matrices are stored.
+    pub fn format(&self) -> WeightFormat {
+        self.format
     }
 
     /// Longest sequence the rotary tables cover.
@@ -126,11 +326,12 @@ impl DecodeModel {
         self.rotary_len
     }
 
-    /// Bytes of weights one decode step reads (every matrix once, plus one embedding row per token).
+    /// Bytes of weights one decode step reads (every matrix once in its format, int8 scales
+    /// included, plus one f32 embedding row per token).
     pub fn weight_bytes_per_step(&self) -> usize {
         let blocks: usize =
-            self.layers.iter().map(|l| l.qkv.len() + l.attn_proj.len() + l.fc.len() + l.mlp_proj.len()).sum();
-        4 * (blocks + self.lm_head.len() + self.config.n_embd)
+            self.layers.iter().map(|l| l.qkv.bytes() + l.attn_proj.bytes() + l.fc.bytes() + l.mlp_proj.bytes()).sum();
+        blocks + self.lm_head.bytes() + 4 * self.config.n_embd
     }
 
     /// An empty cache of `slots` rows, each holding up to `capacity` positions.
@@ -273,7 +474,7 @@ impl DecodeModel {
             for i in 0..n {
                 kernels::rms_norm(&s.x[i * c..(i + 1) * c], &mut s.xn[i * c..(i + 1) * c]);
             }
-            kernels::linear(&s.xn, n, c, &layer.qkv, qkv_w, &mut s.qkv, false);
+            layer.qkv.apply(&s.xn, n, &mut s.qkv, false, &mut s.dequant);
             for i in 0..n {
                 let (slot, p) = (s.slot[i], s.pos[i]);
                 let (cos, sin) = (&self.cos[p * half..(p + 1) * half], &self.sin[p * half..(p + 1) * half]);
@@ -306,15 +507,15 @@ impl DecodeModel {
             } else {
                 s.y[..n * c].par_chunks_exact_mut(hd).enumerate().for_each(attend);
             }
-            kernels::linear(&s.y, n, c, &layer.attn_proj, c, &mut s.x, true);
+            layer.attn_proj.apply(&s.y, n, &mut s.x, true, &mut s.dequant);
 
             // MLP: x += c_proj(relu(c_fc(norm(x)))²)
             for i in 0..n {
                 kernels::rms_norm(&s.x[i * c..(i + 1) * c], &mut s.xn[i * c..(i + 1) * c]);
             }
-            kernels::linear(&s.xn, n, c, &layer.fc, 4 * c, &mut s.hidden, false);
+            layer.fc.apply(&s.xn, n, &mut s.hidden, false, &mut s.dequant);
             s.hidden[..n * 4 * c].iter_mut().for_each(|h| *h = h.max(0.0) * h.max(0.0));
-            kernels::linear(&s.hidden, n, 4 * c, &layer.mlp_proj, c, &mut s.x, true);
+            layer.mlp_proj.apply(&s.hidden, n, &mut s.x, true, &mut s.dequant);
         }
 
         // logits = softcap(lm_head(norm(x))) for the rows that need them
@@ -327,7 +528,7 @@ impl DecodeModel {
             kernels::rms_norm(&s.x[i * c..(i + 1) * c], &mut s.xn[i * c..(i + 1) * c]);
         }
         grow(&mut s.logits, rows * vocab);
-        kernels::linear(&s.xn[first * c..n * c], rows, c, &self.lm_head, vocab, &mut s.logits, false);
+        self.lm_head.apply(&s.xn[first * c..n * c], rows, &mut s.logits, false, &mut s.dequant);
         kernels::softcap(&mut s.logits[..rows * vocab], SOFTCAP);
     }
 }
