@@ -1,5 +1,5 @@
 """PyTorch reference for `nanochat bench decode`: inference speed of nanochat v0's GPT with its
-KV cache, on the CPU in fp32, for a side-by-side comparison with the Rust port.
+KV cache, on the CPU in fp32 (or bf16 with --dtype bfloat16), for a side-by-side comparison with the Rust port.
 
 The model and the generation loop are a minimal, faithful copy of the original `gpt.py` and
 `engine.py` (DESIGN.md §4): parameter-free RMSNorm via F.rms_norm, rotary embeddings (base 10,000,
@@ -222,6 +222,12 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weights and activations (bfloat16: the like-for-like reference for `--weights bf16`)",
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -237,10 +243,18 @@ def main():
     model = GPT(cfg)
     model.init_weights()
     model.eval()
+    if args.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
     gen = torch.Generator().manual_seed(args.seed)
     prompt = lambda n: torch.randint(0, args.vocab, (n,), generator=gen).tolist()  # noqa: E731
 
-    result = {"impl": "pytorch", "torch": torch.__version__, "threads": args.threads, "config": cfg}
+    result = {
+        "impl": "pytorch",
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "dtype": args.dtype,
+        "config": cfg,
+    }
     with torch.inference_mode():
         for n in (100, 512):
             p = prompt(n)

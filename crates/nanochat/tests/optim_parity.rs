@@ -218,3 +218,36 @@ fn setup_optimizers_splits_like_v0_and_trains() -> Result<()> {
     opt.load_state_dict(&state)?;
     Ok(())
 }
+
+#[test]
+fn adamw_in_place_update_equals_the_composition_bit_for_bit() -> Result<()> {
+    // With weight decay and an odd size (chunk remainders); some gradient entries exactly zero.
+    let p0 = Tensor::randn(0f32, 1.0, (1001, 37), &Device::Cpu)?;
+    let grads: Vec<Tensor> = (0..3)
+        .map(|i| {
+            let g = Tensor::randn(0f32, 1e-2 * (i + 1) as f32, (1001, 37), &Device::Cpu)?;
+            let keep = Tensor::rand(0f32, 1.0, (1001, 37), &Device::Cpu)?.ge(0.2)?.to_dtype(DType::F32)?;
+            g.mul(&keep)
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let run = |fused: bool| -> Result<(Vec<f32>, HashMap<String, Tensor>)> {
+        nanochat::model::fused::set_enabled(fused);
+        let var = Var::from_tensor(&p0.copy()?)?;
+        let mut adamw =
+            AdamW::new(vec![ParamGroup::new(vec![("w".to_string(), var.clone())], 0.03)], (0.8, 0.95), 1e-10, 0.1);
+        for g in &grads {
+            adamw.step(&grads_for(&var, g))?;
+        }
+        nanochat::model::fused::set_enabled(true);
+        Ok((flat(var.as_tensor())?, adamw.state_dict()?))
+    };
+    let (fused, fused_state) = run(true)?;
+    let (composed, composed_state) = run(false)?;
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    ensure!(bits(&fused) == bits(&composed), "the in-place update differs from the composition");
+    for key in ["w.exp_avg", "w.exp_avg_sq"] {
+        ensure!(bits(&flat(get(&fused_state, key)?)?) == bits(&flat(get(&composed_state, key)?)?), "{key} differs");
+    }
+    ensure!(bits(&fused) != bits(&flat(&p0)?), "the parameter did not move");
+    Ok(())
+}
