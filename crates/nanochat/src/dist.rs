@@ -308,6 +308,25 @@ pub fn broadcast_vars(comm: &dyn Communicator, vars: &[Var]) -> anyhow::Result<(
     Ok(())
 }
 
+/// `result`, unless it is an error on one of several ranks: then the error is printed with the
+/// rank and the whole job ends (`MPI_Abort`), since returning alone would leave the other ranks
+/// waiting forever in their next collective.
+pub fn or_abort<T>(comm: &dyn Communicator, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    match result {
+        Err(e) if comm.world_size() > 1 => {
+            eprintln!("rank {} of {}: error: {e:#}", comm.rank(), comm.world_size());
+            comm.abort(1)
+        }
+        other => other,
+    }
+}
+
+/// This rank's share of the `count` items from `first` on: `first + rank`, then every
+/// `world_size`-th one. Together the ranks take each item once, whatever the number of ranks.
+pub fn rank_stride(comm: &dyn Communicator, first: usize, count: usize) -> impl Iterator<Item = usize> {
+    (first..first + count).skip(comm.rank()).step_by(comm.world_size().max(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,6 +346,46 @@ mod tests {
         assert_eq!(comm.all_gather_bytes(b"state").unwrap(), vec![b"state".to_vec()]);
         comm.barrier().unwrap();
         assert!(matches!(comm.broadcast(&mut buf, 1), Err(DistError::BadRoot { root: 1, world_size: 1 })));
+        assert_eq!(or_abort(&comm, Err::<(), _>(anyhow::anyhow!("alone"))).unwrap_err().to_string(), "alone");
+    }
+
+    /// A world of W ranks, as far as `rank_stride` looks: rank and size only.
+    struct Rank(usize, usize);
+
+    impl Communicator for Rank {
+        fn rank(&self) -> usize {
+            self.0
+        }
+        fn world_size(&self) -> usize {
+            self.1
+        }
+        fn all_reduce_sum(&self, _: &mut [f32]) -> Result<(), DistError> {
+            Ok(())
+        }
+        fn all_reduce_sum_f64(&self, _: &mut [f64]) -> Result<(), DistError> {
+            Ok(())
+        }
+        fn broadcast(&self, _: &mut [f32], _: usize) -> Result<(), DistError> {
+            Ok(())
+        }
+        fn all_gather_bytes(&self, mine: &[u8]) -> Result<Vec<Vec<u8>>, DistError> {
+            Ok(vec![mine.to_vec()])
+        }
+        fn barrier(&self) -> Result<(), DistError> {
+            Ok(())
+        }
+        fn abort(&self, code: i32) -> ! {
+            std::process::exit(code)
+        }
+    }
+
+    #[test]
+    fn the_ranks_strides_take_every_item_once() {
+        assert_eq!(rank_stride(&Rank(1, 3), 10, 8).collect::<Vec<_>>(), [11, 14, 17]);
+        let mut all: Vec<usize> = (0..3).flat_map(|r| rank_stride(&Rank(r, 3), 10, 8)).collect();
+        all.sort_unstable();
+        assert_eq!(all, (10..18).collect::<Vec<_>>());
+        assert_eq!(rank_stride(&SingleProcess, 4, 3).collect::<Vec<_>>(), [4, 5, 6]);
     }
 
     #[test]

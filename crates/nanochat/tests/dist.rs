@@ -1,20 +1,25 @@
 //! Data-parallel pretraining over MPI: `mpirun -n 2` on a tiny model gives the losses and the
 //! validation bpb of one process with the same global batch, the ranks read disjoint row groups,
 //! rank 0 alone writes the checkpoint and the metrics, and an MPI run resumes from its checkpoint
-//! (with the same number of processes only).
+//! (with the same number of processes only). Midtraining and SFT under `mpirun -n 2` give the
+//! losses, validation numbers and final weights of one process, and `chat eval` the same scores.
 //!
-//! The MPI test needs this crate built with `--features mpi` and `mpirun` on the PATH; without
+//! The MPI tests need this crate built with `--features mpi` and `mpirun` on the PATH; without
 //! them it is skipped with a notice, unless, for a missing mpirun, NANOCHAT_REQUIRE_MPI=1 (as
 //! .ci/run sets once it has installed OpenMPI) makes that a failure. The single-process communicator and the rank-strided
 //! loader have their own tests (src/dist.rs; tests/data_loader.rs, `ranks_together_...`).
 
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use candle_core::Device;
 use clap::Parser;
-use nanochat::checkpoint;
+use nanochat::checkpoint::{self, Meta};
 use nanochat::data::loader::LoaderState;
+use nanochat::tasks::identity::Identity;
+use nanochat::tasks::Task;
 use nanochat::train::base::{train, TrainArgs};
 use parquet::data_type::{ByteArray, ByteArrayType};
 use parquet::file::properties::WriterProperties;
@@ -148,10 +153,17 @@ fn mpi_available() -> bool {
 /// `mpirun -n 2 nanochat base train <args>` with $NANOCHAT_BASE_DIR at `base`; returns its output,
 /// each line tagged with the rank that wrote it (`[job,rank]<stderr>:`).
 fn mpirun_train(base: &Path, args: &[String]) -> String {
+    let mut all: Vec<String> = ["base", "train", "--dist", "mpi"].map(String::from).to_vec();
+    all.extend_from_slice(args);
+    mpirun(base, &all)
+}
+
+/// `mpirun -n 2 nanochat <args>` with $NANOCHAT_BASE_DIR at `base`; returns its output as
+/// [`mpirun_train`] does.
+fn mpirun(base: &Path, args: &[String]) -> String {
     let out = Command::new("mpirun")
         .args(["-n", "2", "--oversubscribe", "--tag-output"])
         .arg(env!("CARGO_BIN_EXE_nanochat"))
-        .args(["base", "train", "--dist", "mpi"])
         .args(args)
         .env("NANOCHAT_BASE_DIR", base)
         // one thread per rank: the two ranks share this machine's cores
@@ -252,4 +264,309 @@ fn two_mpi_ranks_train_like_one_process_with_the_same_global_batch() {
     .unwrap();
     let err = format!("{:#}", train(&alone, &tok, &checkpoints("mpi")).unwrap_err());
     assert!(err.contains("written by a run of 2 processes"), "{err}");
+}
+
+/// `nanochat <args>` in one process, with $NANOCHAT_BASE_DIR at `base`; returns its output.
+fn single(base: &Path, args: &[String]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_nanochat"))
+        .args(args)
+        .env("NANOCHAT_BASE_DIR", base)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "nanochat failed:\n{text}");
+    text
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The first `n` lines of the mirror's `relative` file, written to the same path under `to`
+/// (gzipped again if it was).
+fn copy_head(to: &Path, relative: &str, n: usize) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data").join(relative);
+    let file = std::fs::File::open(&from).unwrap();
+    let gz = relative.ends_with(".gz");
+    let reader: Box<dyn BufRead> = if gz {
+        Box::new(std::io::BufReader::new(flate2::read::GzDecoder::new(file)))
+    } else {
+        Box::new(std::io::BufReader::new(file))
+    };
+    let lines: Vec<String> = reader.lines().take(n).map(Result::unwrap).collect();
+    let text = lines.iter().map(|l| format!("{l}\n")).collect::<String>();
+    let path = to.join(relative);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    if gz {
+        let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&path).unwrap(), flate2::Compression::fast());
+        enc.write_all(text.as_bytes()).unwrap();
+        enc.finish().unwrap();
+    } else {
+        std::fs::write(&path, text).unwrap();
+    }
+}
+
+/// `base` as $NANOCHAT_BASE_DIR for the chat stages: [`setup`]'s tokenizer and shards, a base
+/// checkpoint `d1` of a 1-layer model pretrained 2 steps, a small copy of the task data mirror
+/// (the first few rows of every file the mixtures read) and a 12-conversation identity file.
+/// Returns the identity file and the task data directory, as strings for the command line.
+fn setup_chat_stages(base: &Path) -> (String, String) {
+    let tok = setup(base);
+    let args = TrainArgs::try_parse_from(["train".to_string()].into_iter().chain(argv(
+        base,
+        &["--dist", "none", "--num-iterations", "2", "--eval-every", "0", "--save-every", "0", "--model-tag", "d1"],
+    )))
+    .unwrap();
+    train(&args, &tok, &base.join("base_checkpoints/d1")).unwrap();
+    let data = base.join("task_data");
+    for (file, rows) in [
+        ("sft/sharegpt_train.jsonl.gz", 46),
+        ("sft/sharegpt_test.jsonl.gz", 8),
+        ("words/words_alpha.txt", 2000),
+        ("eval/mmlu/dev.jsonl", 5),
+        ("eval/mmlu/validation.jsonl", 5),
+        ("eval/arc/ARC-Easy-validation.jsonl", 5),
+        ("eval/arc/ARC-Challenge-validation.jsonl", 5),
+        ("eval/gsm8k/train.jsonl", 10),
+    ] {
+        copy_head(&data, file, rows);
+    }
+    let identity = Identity::new(12, 5);
+    let lines: String = (0..identity.len())
+        .map(|i| serde_json::to_string(&identity.get(i).unwrap().conversation).unwrap() + "\n")
+        .collect();
+    let identity_file = base.join("identity.jsonl");
+    std::fs::write(&identity_file, lines).unwrap();
+    (identity_file.to_string_lossy().into_owned(), data.to_string_lossy().into_owned())
+}
+
+/// The largest difference between two checkpoints' weights, which must have the same tensors.
+fn max_weight_diff(a: &Path, b: &Path, step: usize) -> f64 {
+    let (ca, cb) = (
+        checkpoint::load(a, step, &Device::Cpu, false, None).unwrap(),
+        checkpoint::load(b, step, &Device::Cpu, false, None).unwrap(),
+    );
+    assert_eq!(ca.model.len(), cb.model.len());
+    let mut diff = 0.0f64;
+    for (name, t) in &ca.model {
+        let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = cb.model[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(x.len(), y.len(), "{name}");
+        diff = x.iter().zip(&y).map(|(p, q)| f64::from((p - q).abs())).fold(diff, f64::max);
+    }
+    diff
+}
+
+/// A series of one quantity from a metrics log.
+fn series(dir: &Path, key: &str) -> Series {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let records: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    records.iter().filter_map(|r| Some((r["step"].as_u64()?, r.get(key)?.as_f64()?))).collect()
+}
+
+/// Runs `stage train <args>` once alone and once under `mpirun -n 2`, moving the single run's
+/// checkpoint directory `<checkpoints>/d1` aside to `<checkpoints>/single`; returns both directories
+/// and the MPI run's output.
+fn single_then_mpi(base: &Path, stage: &str, checkpoints: &str, args: &[String]) -> (PathBuf, PathBuf, String) {
+    let dir = base.join(checkpoints);
+    let mut all = strings(&[stage, "train"]);
+    all.extend_from_slice(args);
+    single(base, &[all.clone(), strings(&["--dist", "none"])].concat());
+    std::fs::rename(dir.join("d1"), dir.join("single")).unwrap();
+    let started = std::time::Instant::now();
+    let output = mpirun(base, &[all, strings(&["--dist", "mpi"])].concat());
+    println!("mpirun -n 2 {stage} train: {:.1}s", started.elapsed().as_secs_f64());
+    (dir.join("single"), dir.join("d1"), output)
+}
+
+/// Rank 0 alone logged the saves: `saves` lines, all from rank 0.
+fn saved_by_rank_0_only(output: &str, saves: usize) {
+    let lines: Vec<&str> = output.lines().filter(|l| l.contains("saved checkpoint")).collect();
+    assert_eq!(lines.len(), saves, "{output}");
+    assert!(lines.iter().all(|l| l.contains(",0]<")), "a rank other than 0 saved: {lines:?}");
+}
+
+#[test]
+fn two_mpi_ranks_midtrain_like_one_process() {
+    if !mpi_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let (identity, data) = setup_chat_stages(base);
+    // 4 micro-batches of 2 rows of 32 tokens per step (2 per rank under MPI), 3 steps, validation
+    // on 2 micro-batches at steps 0 and 3, a checkpoint at steps 2 and 3.
+    let args = strings(&[
+        "--device-batch-size",
+        "2",
+        "--total-batch-size",
+        "256",
+        "--num-iterations",
+        "3",
+        "--eval-every",
+        "3",
+        "--eval-tokens",
+        "128",
+        "--val-fraction",
+        "0.1",
+        "--save-every",
+        "2",
+        "--identity-file",
+        &identity,
+        "--data-dir",
+        &data,
+    ]);
+    let (one, two, output) = single_then_mpi(base, "mid", "mid_checkpoints", &args);
+    let (loss_one, loss_two) = (series(&one, "loss"), series(&two, "loss"));
+    let (bpb_one, bpb_two) = (series(&one, "val_bpb"), series(&two, "val_bpb"));
+    assert_eq!(loss_two.len(), 3, "rank 0 alone logs, once per step: {loss_two:?}");
+    assert_eq!(bpb_two.len(), 2);
+    let (loss_diff, bpb_diff) = (max_diff(&loss_one, &loss_two), max_diff(&bpb_one, &bpb_two));
+    let weight_diff = max_weight_diff(&one, &two, 3);
+    println!("mid: max |loss diff| {loss_diff:e}, |val bpb diff| {bpb_diff:e}, |weight diff| {weight_diff:e}");
+    assert!(loss_diff < 1e-4, "losses differ: {loss_one:?} vs {loss_two:?}");
+    assert!(bpb_diff < 1e-4, "validation bpb differs: {bpb_one:?} vs {bpb_two:?}");
+    assert!(weight_diff < 1e-4, "final weights differ by {weight_diff}");
+    saved_by_rank_0_only(&output, 2);
+    let meta: Meta = checkpoint::load_meta(&two, 3).unwrap();
+    assert_eq!(meta.run_config["world_size"], 2);
+}
+
+#[test]
+fn two_mpi_ranks_finetune_like_one_process() {
+    if !mpi_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let (identity, data) = setup_chat_stages(base);
+    // 8 conversations per step in 4 micro-batches of 2 (2 per rank under MPI), 3 steps from the
+    // base checkpoint, validation on 2 micro-batches at steps 0, 2 and 3.
+    let args = strings(&[
+        "--source",
+        "base",
+        "--device-batch-size",
+        "2",
+        "--target-examples-per-step",
+        "8",
+        "--max-iterations",
+        "3",
+        "--eval-every",
+        "2",
+        "--eval-steps",
+        "2",
+        "--identity-file",
+        &identity,
+        "--data-dir",
+        &data,
+    ]);
+    let (one, two, output) = single_then_mpi(base, "sft", "chatsft_checkpoints", &args);
+    let (loss_one, loss_two) = (series(&one, "loss"), series(&two, "loss"));
+    let (val_one, val_two) = (series(&one, "val_loss"), series(&two, "val_loss"));
+    assert_eq!(loss_two.len(), 3, "rank 0 alone logs, once per step: {loss_two:?}");
+    assert_eq!(val_two.len(), 3);
+    let (loss_diff, val_diff) = (max_diff(&loss_one, &loss_two), max_diff(&val_one, &val_two));
+    let weight_diff = max_weight_diff(&one, &two, 3);
+    println!("sft: max |loss diff| {loss_diff:e}, |val loss diff| {val_diff:e}, |weight diff| {weight_diff:e}");
+    assert!(loss_diff < 1e-4, "losses differ: {loss_one:?} vs {loss_two:?}");
+    assert!(val_diff < 1e-4, "validation losses differ: {val_one:?} vs {val_two:?}");
+    assert!(weight_diff < 1e-4, "final weights differ by {weight_diff}");
+    saved_by_rank_0_only(&output, 1);
+
+    // A step that does not split evenly across the ranks is refused, by every rank at once.
+    let mut odd = strings(&["sft", "train", "--dist", "mpi"]);
+    odd.extend_from_slice(&args);
+    odd.extend(strings(&["--target-examples-per-step", "6"]));
+    let out = Command::new("mpirun")
+        .args(["-n", "2", "--oversubscribe"])
+        .arg(env!("CARGO_BIN_EXE_nanochat"))
+        .args(&odd)
+        .env("NANOCHAT_BASE_DIR", base)
+        .env("RAYON_NUM_THREADS", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && text.contains("does not split evenly"), "{text}");
+}
+
+#[test]
+fn chat_eval_under_two_mpi_ranks_scores_like_one_process() {
+    if !mpi_available() {
+        return;
+    }
+    // The fixture model (tests/chat_eval.rs) as SFT checkpoint d2.
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let ranks = shared.join("fixtures/tokenizer/mergeable_ranks.tiktoken");
+    let text = std::fs::read_to_string(&ranks).unwrap();
+    let tok =
+        bpe::Tokenizer::from_tokens(bpe::format::parse_ranks(&text, &ranks).unwrap(), bpe::DEFAULT_PATTERN).unwrap();
+    tok.save(&base.join("tokenizer")).unwrap();
+    let params =
+        candle_core::safetensors::load(shared.join("fixtures/model/params.safetensors"), &Device::Cpu).unwrap();
+    let config = nanochat::model::GPTConfig {
+        sequence_len: 64,
+        vocab_size: 1024,
+        n_layer: 2,
+        n_head: 4,
+        n_kv_head: 2,
+        n_embd: 64,
+    };
+    checkpoint::save(&base.join("chatsft_checkpoints/d2"), &params, None, &Meta::new(5, config, tok.fingerprint()))
+        .unwrap();
+    let data = shared.join("data").to_string_lossy().into_owned();
+    // 7 problems per task: an odd count, so the ranks' shares differ in size.
+    let eval = |output: &Path, dist: &str| {
+        let out = output.to_string_lossy().into_owned();
+        strings(&[
+            "chat",
+            "eval",
+            "-a",
+            "ARC-Easy|MMLU|GSM8K|SpellingBee",
+            "-x",
+            "7",
+            "-m",
+            "16",
+            "-b",
+            "3",
+            "--data-dir",
+            &data,
+            "--output",
+            &out,
+            "--dist",
+            dist,
+        ])
+    };
+    let (one, two) = (base.join("one.json"), base.join("two.json"));
+    single(base, &eval(&one, "none"));
+    let started = std::time::Instant::now();
+    let output = mpirun(base, &eval(&two, "mpi"));
+    println!("mpirun -n 2 chat eval: {:.1}s", started.elapsed().as_secs_f64());
+    let read = |path: &Path| -> Vec<(String, u64, u64)> {
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let results = report["results"].as_array().unwrap();
+        results
+            .iter()
+            .map(|r| {
+                (
+                    r["task"].as_str().unwrap().to_string(),
+                    r["problems"].as_u64().unwrap(),
+                    r["passed"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (scores_one, scores_two) = (read(&one), read(&two));
+    println!("chat eval: one process {scores_one:?}, two ranks {scores_two:?}");
+    assert_eq!(scores_one, scores_two);
+    assert!(scores_two.iter().all(|(_, problems, _)| *problems == 7), "{scores_two:?}");
+    // Rank 0 alone prints the scores.
+    let printed: Vec<&str> = output.lines().filter(|l| l.contains("ChatCORE")).collect();
+    assert_eq!(printed.len(), 1, "{output}");
+    assert!(printed[0].contains(",0]<"), "{printed:?}");
 }

@@ -12,6 +12,11 @@
 //!   problems of 1 / (number of choices) for multiple choice (0.25 for MMLU's four), 0 for
 //!   generative tasks; ChatCORE is the mean centered accuracy over the tasks run (the original
 //!   reports it only when all six ran: [`ChatCoreReport::complete`] says whether they did).
+//!
+//! Data-parallel (`mpirun -n W nanochat chat eval ...`, docs/DISTRIBUTED.md): rank r scores
+//! problems r, r + W, r + 2W, ... of each task (every problem with the options, seeds included, it
+//! has in one process), the counts are added across ranks, and rank 0 alone prints and writes the
+//! JSON and the report section; an error on any rank ends every rank.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -23,6 +28,7 @@ use serde::Serialize;
 
 use crate::chat_cli::{load_engine, Source};
 use crate::conversation::render_for_completion;
+use crate::dist::{self, or_abort, rank_stride, Communicator, DistMode, SingleProcess};
 use crate::engine::{Engine, GenerateOptions};
 use crate::eval::sandbox::Limits;
 use crate::tasks::arc::{ArcSubset, ArcTask};
@@ -120,6 +126,14 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// The counts of every rank of `comm` added up (in f64, exact for any realistic count), the
+    /// same on every rank.
+    pub fn all_reduce(self, comm: &dyn Communicator) -> Result<Tally> {
+        let mut sums = [self.problems as f64, self.passed as f64, self.chance];
+        comm.all_reduce_sum_f64(&mut sums)?;
+        Ok(Tally { problems: sums[0].round() as usize, passed: sums[1].round() as usize, chance: sums[2] })
+    }
+
     fn result(self, task: &str, eval_type: EvalType, seconds: f64) -> ChatEvalResult {
         let n = self.problems.max(1) as f64;
         let (accuracy, baseline) = (self.passed as f64 / n, self.chance / n);
@@ -155,19 +169,34 @@ pub fn load_task(name: &str, root: &DataRoot) -> Result<Box<dyn Task>> {
 
 /// Scores `engine` on the task named `task_name`.
 pub fn run_chat_eval(engine: &Engine, task_name: &str, opts: &ChatEvalOptions) -> Result<ChatEvalResult> {
+    run_chat_eval_on(&SingleProcess, engine, task_name, opts)
+}
+
+/// [`run_chat_eval`] as one rank of `comm`: this rank scores its stride of the problems and the
+/// counts are added across ranks, so every rank returns the whole task's score. Every rank must
+/// call it with the same task and options. Only rank 0 shows progress (its own share's).
+pub fn run_chat_eval_on(
+    comm: &dyn Communicator,
+    engine: &Engine,
+    task_name: &str,
+    opts: &ChatEvalOptions,
+) -> Result<ChatEvalResult> {
     let task = load_task(task_name, &DataRoot::new(&opts.data_dir))?;
     let problems = opts.max_problems.map_or(task.len(), |m| m.min(task.len()));
     let start = Instant::now();
     let eval_type = task.eval_type().with_context(|| format!("{task_name} is training data, not an eval"))?;
+    let indices: Vec<usize> = rank_stride(comm, 0, problems).collect();
+    let opts = ChatEvalOptions { progress: opts.progress && comm.is_root(), ..opts.clone() };
     let tally = match eval_type {
         EvalType::Categorical => {
             let pad = engine.tokenizer().bos_id();
-            evaluate_categorical(task.as_ref(), engine.tokenizer(), problems, opts, |prompts| {
+            evaluate_categorical_at(task.as_ref(), engine.tokenizer(), &indices, &opts, |prompts| {
                 last_logits(engine, prompts, pad)
             })?
         }
-        EvalType::Generative => evaluate_generative(task.as_ref(), engine, problems, opts)?,
+        EvalType::Generative => evaluate_generative_at(task.as_ref(), engine, &indices, &opts)?,
     };
+    let tally = tally.all_reduce(comm)?;
     Ok(tally.result(task_name, eval_type, start.elapsed().as_secs_f64()))
 }
 
@@ -179,11 +208,22 @@ pub fn evaluate_categorical(
     tokenizer: &bpe::Tokenizer,
     problems: usize,
     opts: &ChatEvalOptions,
+    logits: impl FnMut(&[Vec<u32>]) -> Result<Vec<Vec<f32>>>,
+) -> Result<Tally> {
+    let indices: Vec<usize> = (0..problems).collect();
+    evaluate_categorical_at(task, tokenizer, &indices, opts, logits)
+}
+
+/// [`evaluate_categorical`] on the problems at `indices` (a rank's share), in batches of them.
+pub fn evaluate_categorical_at(
+    task: &dyn Task,
+    tokenizer: &bpe::Tokenizer,
+    indices: &[usize],
+    opts: &ChatEvalOptions,
     mut logits: impl FnMut(&[Vec<u32>]) -> Result<Vec<Vec<f32>>>,
 ) -> Result<Tally> {
     ensure!(opts.batch_size > 0, "the batch size must be at least 1");
     let mut tally = Tally::default();
-    let indices: Vec<usize> = (0..problems).collect();
     for batch in indices.chunks(opts.batch_size) {
         let examples = batch.iter().map(|&i| task.get(i)).collect::<Result<Vec<_>>>()?;
         let prompts = examples
@@ -251,8 +291,20 @@ fn last_logits(engine: &Engine, prompts: &[Vec<u32>], pad: u32) -> Result<Vec<Ve
 /// Scores the first `problems` problems of a generative task: `num_samples` completions each,
 /// a pass when any of them passes.
 pub fn evaluate_generative(task: &dyn Task, engine: &Engine, problems: usize, opts: &ChatEvalOptions) -> Result<Tally> {
+    let indices: Vec<usize> = (0..problems).collect();
+    evaluate_generative_at(task, engine, &indices, opts)
+}
+
+/// [`evaluate_generative`] on the problems at `indices` (a rank's share). A problem's samples
+/// depend on the problem and the options only, not on which rank draws them.
+pub fn evaluate_generative_at(
+    task: &dyn Task,
+    engine: &Engine,
+    indices: &[usize],
+    opts: &ChatEvalOptions,
+) -> Result<Tally> {
     let mut tally = Tally::default();
-    for index in 0..problems {
+    for &index in indices {
         let passed = grade_samples(task, engine, index, &generate_options(opts))?.iter().any(|&p| p);
         tally.problems += 1;
         tally.passed += usize::from(passed);
@@ -366,6 +418,9 @@ pub struct ChatEvalArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Split the problems across processes: auto (MPI when started by mpirun), mpi, or none.
+    #[arg(long, value_enum, default_value_t = DistMode::Auto)]
+    pub dist: DistMode,
 }
 
 impl ChatEvalArgs {
@@ -399,20 +454,34 @@ impl ChatEvalArgs {
 }
 
 /// `nanochat chat eval`: loads the model, runs the tasks, prints one line per task and ChatCORE,
-/// and writes the JSON report when `--output` is given.
+/// and writes the JSON report when `--output` is given; on the processes `--dist` finds.
 pub fn run(args: ChatEvalArgs) -> Result<()> {
+    let comm = dist::init(args.dist)?;
+    let result = run_on(&args, comm.as_ref());
+    or_abort(comm.as_ref(), result)
+}
+
+/// [`run`] as one rank of `comm`: every rank loads the model and scores its share of every task;
+/// rank 0 alone prints and writes.
+fn run_on(args: &ChatEvalArgs, comm: &dyn Communicator) -> Result<()> {
     let started = Instant::now();
     let tasks = args.tasks()?;
     let opts = args.options();
     let engine = load_engine(args.source, args.model_tag.as_deref(), args.step)?;
     let mut results = Vec::new();
     for task in &tasks {
-        let result = run_chat_eval(&engine, task, &opts)?;
+        let result = run_chat_eval_on(comm, &engine, task, &opts)?;
+        if !comm.is_root() {
+            continue;
+        }
         println!(
             "{}: accuracy {:.4} ({}/{}), centered {:.4}, {:.1}s",
             result.task, result.accuracy, result.passed, result.problems, result.centered, result.seconds
         );
         results.push(result);
+    }
+    if !comm.is_root() {
+        return Ok(());
     }
     let report = ChatCoreReport::new(results);
     let note = if report.complete { "" } else { " (over the tasks run, not all six)" };
@@ -421,7 +490,7 @@ pub fn run(args: ChatEvalArgs) -> Result<()> {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json).with_context(|| format!("writing the results to {}", path.display()))?;
     }
-    write_report_section(&args, &report, started.elapsed().as_secs_f64())
+    write_report_section(args, &report, started.elapsed().as_secs_f64())
 }
 
 /// The report section `chat_eval_<source>`: accuracy per task, and ChatCORE when all six ran

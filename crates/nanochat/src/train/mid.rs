@@ -21,6 +21,14 @@
 //!   byte, rather than the original's test splits, which the chat evals use;
 //! - the optimizers are set up fresh from the base weights, with Muon's momentum warm-up;
 //! - checkpoints go to `$NANOCHAT_BASE_DIR/mid_checkpoints/<tag>`, `<tag>` that of the base model.
+//!
+//! Data-parallel (`mpirun -n W nanochat mid train ...`, docs/DISTRIBUTED.md): a step's
+//! micro-batches are those of one process, and rank r runs micro-batches r, r + W, r + 2W, ... of
+//! them (so `--total-batch-size` must be a multiple of device batch × seq len × W); the gradients
+//! and the loss are averaged across ranks, so a step is one process's with the same global batch.
+//! Validation batches are split the same way and their totals added. Rank 0 alone logs and writes
+//! checkpoints, metrics and the report; an error on any rank ends every rank. As the data position
+//! is the step itself, a checkpoint resumes under any number of processes that divides the step.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -33,9 +41,13 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::base::TrainReport;
-use super::{append_jsonl, drop_metrics_from, evaluate_bpb, log, optimizer_step, render_task, ChatStageArgs, LossEma};
+use super::{
+    accum_steps_per_rank, append_jsonl, drop_metrics_from, evaluate_bpb_on, log_on, optimizer_step_on,
+    rank_progress_bar, render_task, ChatStageArgs, LossEma,
+};
 use crate::chat_cli::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
+use crate::dist::{self, broadcast_vars, or_abort, rank_stride, Communicator, SingleProcess};
 use crate::optim::{muon_momentum, setup_optimizers, LrSchedule};
 use crate::tasks::arc::{ArcSubset, ArcTask};
 use crate::tasks::chat::ChatData;
@@ -92,8 +104,16 @@ pub struct MidArgs {
 
 pub fn run(cmd: MidCommand) -> Result<()> {
     let MidCommand::Train(args) = cmd;
+    let comm = dist::init(args.stage.dist)?;
+    let result = run_on(&args, comm.as_ref());
+    or_abort(comm.as_ref(), result)
+}
+
+/// [`run`] as one rank of `comm`: every rank loads the base checkpoint and builds the mixture,
+/// rank 0 alone writes the report section and prints the summary.
+fn run_on(args: &MidArgs, comm: &dyn Communicator) -> Result<()> {
     let tokenizer = crate::tokenizer::load()?;
-    let device = Device::cuda_if_available(0)?;
+    let device = Device::cuda_if_available(dist::local_rank())?;
     let (base, tag) = super::load_stage_checkpoint(
         Source::Base,
         args.stage.model_tag.as_deref(),
@@ -104,23 +124,28 @@ pub fn run(cmd: MidCommand) -> Result<()> {
     let (train_task, val_task) = mid_mixture(&args.stage, args.val_fraction)?;
     let out_dir = Source::Mid.checkpoints_dir().join(&tag);
     let start = std::time::Instant::now();
-    let report = train(&args, &tokenizer, train_task.as_ref(), val_task.as_ref(), &base, &out_dir)?;
+    let report = train_on(args, &tokenizer, train_task.as_ref(), val_task.as_ref(), &base, &out_dir, comm)?;
+    if !comm.is_root() {
+        return Ok(());
+    }
     let bpb = report.val_bpb.map_or_else(|| "not evaluated".to_string(), |b| format!("{b:.4}"));
     let (first_loss, last_loss) = super::loss_span(&report.losses);
     let markdown = format!(
         "- started from: base/{tag} step {}\n- mixture: {} ({} conversations)\n- steps: {} of {} tokens\n\
          - training loss: {first_loss:.4} at the first step, {last_loss:.4} at the last\n\
-         - validation bpb: {bpb}\n- throughput: {:.0} tokens/s\n",
+         - validation bpb: {bpb}\n- throughput: {:.0} tokens/s\n- processes: {}\n",
         base.meta.step,
         train_task.name(),
         train_task.len(),
         report.num_iterations,
         args.total_batch_size,
-        report.tokens_per_sec
+        report.tokens_per_sec,
+        comm.world_size()
     );
     let metrics = json!({
         "seconds": start.elapsed().as_secs_f64(), "steps": report.num_iterations, "val_bpb": report.val_bpb,
         "first_loss": first_loss, "last_loss": last_loss, "tokens_per_sec": report.tokens_per_sec,
+        "world_size": comm.world_size(),
     });
     crate::report::write_section("mid_train", &markdown, metrics)?;
     println!(
@@ -193,7 +218,7 @@ fn micro_batch(stream: &[u32], k: usize, rows: usize, seq_len: usize, device: &D
 }
 
 /// Runs (or resumes) midtraining from the `base` checkpoint's weights on `train_task`, with
-/// checkpoints and metrics in `out_dir`.
+/// checkpoints and metrics in `out_dir`, in this process alone.
 pub fn train(
     args: &MidArgs,
     tokenizer: &bpe::Tokenizer,
@@ -202,7 +227,22 @@ pub fn train(
     base: &Checkpoint,
     out_dir: &Path,
 ) -> Result<TrainReport> {
-    let device = Device::cuda_if_available(0)?;
+    train_on(args, tokenizer, train_task, val_task, base, out_dir, &SingleProcess)
+}
+
+/// [`train`] as rank `comm.rank()` of `comm.world_size()`; every rank must call it with the same
+/// options and data. Every rank returns the same losses; only rank 0 writes anything.
+pub fn train_on(
+    args: &MidArgs,
+    tokenizer: &bpe::Tokenizer,
+    train_task: &dyn Task,
+    val_task: &dyn Task,
+    base: &Checkpoint,
+    out_dir: &Path,
+    comm: &dyn Communicator,
+) -> Result<TrainReport> {
+    let (world, root) = (comm.world_size(), comm.is_root());
+    let device = Device::cuda_if_available(dist::local_rank())?;
     let model_config = base.meta.model_config.clone();
     let seq_len = args.max_seq_len.unwrap_or(model_config.sequence_len);
     if seq_len > model_config.sequence_len {
@@ -214,6 +254,7 @@ pub fn train(
         bail!("--total-batch-size {} is not a multiple of {rows} x {seq_len}", args.total_batch_size);
     }
     let accum_steps = args.total_batch_size / per_pass;
+    let rank_accum_steps = accum_steps_per_rank(comm, accum_steps, "--total-batch-size")?;
     let stream = token_stream(tokenizer, train_task, seq_len + 1)?;
     let epoch_steps = stream.len() / (rows * (seq_len + 1)) / accum_steps;
     let num_iterations = match args.num_iterations {
@@ -238,9 +279,11 @@ pub fn train(
     let schedule =
         LrSchedule { num_iterations, warmup_ratio: 0.0, warmdown_ratio: args.warmdown_ratio, final_lr_frac: 0.0 };
     // The stream's length stands for its content: a resume on other data would silently differ.
+    // `grad_accum_steps` is the whole step's, over all ranks: a step's micro-batches do not depend
+    // on the number of processes, so a run may resume on another number of them.
     let run_config = json!({
         "args": args, "num_iterations": num_iterations, "grad_accum_steps": accum_steps,
-        "stream_tokens": stream.len(), "base_step": base.meta.step,
+        "stream_tokens": stream.len(), "base_step": base.meta.step, "world_size": world,
     });
 
     let (model, varmap, mut optimizers, start_step, mut loop_state) = match args.resume_from_step {
@@ -272,22 +315,24 @@ pub fn train(
         bail!("cannot resume from step {start_step}: the run is only {num_iterations} steps long");
     }
     let vars: Vec<Var> = optimizers.vars().cloned().collect();
+    // Every rank read the same checkpoint; the broadcast makes sure they start in step anyway.
+    broadcast_vars(comm, &vars)?;
     let metrics_path = out_dir.join("metrics.jsonl");
-    drop_metrics_from(&metrics_path, start_step)?;
+    if root {
+        drop_metrics_from(&metrics_path, start_step)?;
+    }
     let token_bytes = tokenizer.token_bytes();
 
-    let pb = crate::common::progress_bar(num_iterations as u64, "mid train");
+    let pb = rank_progress_bar(comm, num_iterations, "mid train");
     pb.set_position(start_step as u64);
-    log(
-        &pb,
-        format!(
-            "midtraining {model_config:?} on {} conversations ({} tokens): {num_iterations} steps of {} tokens \
-             ({accum_steps} micro-batches of {rows}x{seq_len})",
-            train_task.len(),
-            stream.len(),
-            args.total_batch_size
-        ),
-    );
+    let say = |line: String| log_on(comm, &pb, line);
+    say(format!(
+        "midtraining {model_config:?} on {} conversations ({} tokens): {num_iterations} steps of {} tokens \
+         ({rank_accum_steps} micro-batches of {rows}x{seq_len} on each of {world} processes)",
+        train_task.len(),
+        stream.len(),
+        args.total_batch_size
+    ));
     let mut ema = LossEma { value: loop_state.smooth_train_loss };
     let mut losses = Vec::new();
     let mut step = start_step;
@@ -295,42 +340,56 @@ pub fn train(
     loop {
         let last_step = step == num_iterations;
         if args.eval_every > 0 && (last_step || step % args.eval_every == 0) {
-            let batches = (0..val_batches).map(|k| micro_batch(&val_stream, k, rows, seq_len, &device));
-            let bpb = evaluate_bpb(&model, batches, &token_bytes)?;
+            // Each rank evaluates its stride of the validation batches; the totals are added.
+            let batches =
+                rank_stride(comm, 0, val_batches).map(|k| micro_batch(&val_stream, k, rows, seq_len, &device));
+            let bpb = evaluate_bpb_on(comm, &model, batches, &token_bytes)?;
             loop_state.val_bpb = Some(bpb);
             loop_state.min_val_bpb = Some(loop_state.min_val_bpb.map_or(bpb, |m| m.min(bpb)));
-            log(&pb, format!("step {step:05} | validation bpb {bpb:.4}"));
-            append_jsonl(&metrics_path, &json!({ "step": step, "val_bpb": bpb }))?;
+            say(format!("step {step:05} | validation bpb {bpb:.4}"));
+            if root {
+                append_jsonl(&metrics_path, &json!({ "step": step, "val_bpb": bpb }))?;
+            }
         }
         let periodic_save = args.save_every > 0 && step % args.save_every == 0 && step != start_step;
         if last_step || periodic_save {
-            let mut meta = Meta::new(step, model_config.clone(), fingerprint.clone());
-            meta.loop_state = LoopState { smooth_train_loss: ema.value, ..loop_state.clone() };
-            meta.run_config = run_config.clone();
-            let optim_state = optimizers.state_dict()?;
-            checkpoint::save(out_dir, &checkpoint::varmap_tensors(&varmap)?, Some(&optim_state), &meta)?;
-            log(&pb, format!("step {step:05} | saved checkpoint in {}", out_dir.display()));
+            // The weights and the optimizer state are the same on every rank, and the data position
+            // is the step itself: rank 0's checkpoint is the whole run's.
+            if root {
+                let mut meta = Meta::new(step, model_config.clone(), fingerprint.clone());
+                meta.loop_state = LoopState { smooth_train_loss: ema.value, ..loop_state.clone() };
+                meta.run_config = run_config.clone();
+                let optim_state = optimizers.state_dict()?;
+                checkpoint::save(out_dir, &checkpoint::varmap_tensors(&varmap)?, Some(&optim_state), &meta)?;
+                say(format!("step {step:05} | saved checkpoint in {}", out_dir.display()));
+            }
+            // No rank runs on (or reports success) before the checkpoint is complete.
+            comm.barrier()?;
         }
         if last_step {
             break;
         }
 
         let t0 = Instant::now();
+        // The step's micro-batches are one process's; rank r runs those at r, r + W, r + 2W, ...
         let first = step * accum_steps;
-        let micro_batches = (first..first + accum_steps).map(|k| micro_batch(&stream, k, rows, seq_len, &device));
+        let micro_batches =
+            rank_stride(comm, first, accum_steps).map(|k| micro_batch(&stream, k, rows, seq_len, &device));
         let lr_multiplier = schedule.multiplier(step);
         let momentum = muon_momentum(step);
-        let (loss, grad_norm) = optimizer_step(
+        let stats = optimizer_step_on(
+            comm,
             &model,
             &mut optimizers,
             &vars,
             micro_batches,
-            accum_steps,
+            rank_accum_steps,
             args.stage.grad_clip,
             lr_multiplier,
             Some(momentum),
         )
         .with_context(|| format!("step {step}"))?;
+        let (loss, grad_norm) = (stats.loss, stats.grad_norm);
         let dt = t0.elapsed().as_secs_f64();
         let smooth_loss = ema.update(loss, step);
         losses.push(loss);
@@ -339,14 +398,16 @@ pub fn train(
         let tokens_per_sec = args.total_batch_size as f64 / dt;
         pb.set_message(format!("loss {smooth_loss:.4} | lrm {lr_multiplier:.2} | {tokens_per_sec:.0} tok/s"));
         pb.inc(1);
-        append_jsonl(
-            &metrics_path,
-            &json!({
-                "step": step, "loss": loss, "smooth_loss": smooth_loss, "lr_multiplier": lr_multiplier,
-                "muon_momentum": momentum, "grad_norm": grad_norm, "dt": dt, "tokens_per_sec": tokens_per_sec,
-                "total_training_time": loop_state.total_training_time,
-            }),
-        )?;
+        if root {
+            append_jsonl(
+                &metrics_path,
+                &json!({
+                    "step": step, "loss": loss, "smooth_loss": smooth_loss, "lr_multiplier": lr_multiplier,
+                    "muon_momentum": momentum, "grad_norm": grad_norm, "dt": dt, "tokens_per_sec": tokens_per_sec,
+                    "comm_seconds": stats.comm_seconds, "total_training_time": loop_state.total_training_time,
+                }),
+            )?;
+        }
         step += 1;
     }
     pb.finish();

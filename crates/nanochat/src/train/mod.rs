@@ -23,7 +23,7 @@ use crate::chat_cli::Source;
 use crate::checkpoint::Checkpoint;
 use crate::data::dataset::Split;
 use crate::data::loader::{Batch, Loader, LoaderConfig};
-use crate::dist::{all_reduce_grads, Communicator, SingleProcess};
+use crate::dist::{all_reduce_grads, Communicator, DistMode, SingleProcess};
 use crate::model::{Reduction, GPT};
 use crate::optim::{clip_grad_norm, OptimConfig, Optimizers};
 use crate::tasks::chat::ChatData;
@@ -96,6 +96,20 @@ pub fn evaluate_bpb(
     token_bytes: &[u32],
 ) -> Result<f64> {
     bits_per_byte(bpb_sums(model, batches, token_bytes)?)
+}
+
+/// [`evaluate_bpb`] on this rank's share of the batches: the (nats, bytes) totals are added
+/// across the ranks of `comm` before the division, so the result is that of all ranks' batches
+/// together, the same on every rank.
+pub fn evaluate_bpb_on(
+    comm: &dyn Communicator,
+    model: &GPT,
+    batches: impl IntoIterator<Item = Result<(Tensor, Tensor)>>,
+    token_bytes: &[u32],
+) -> Result<f64> {
+    let mut sums = bpb_sums(model, batches, token_bytes)?;
+    comm.all_reduce_sum_f64(&mut sums)?;
+    bits_per_byte(sums)
 }
 
 /// [`bpb_totals`] summed over batches, as `[nats, bytes]` (f64, so that ranks can add them).
@@ -385,6 +399,35 @@ pub fn drop_metrics_from(path: &Path, step: usize) -> Result<()> {
     crate::common::write_atomic(path, kept.as_bytes())
 }
 
+/// Micro-batches per rank when a step has `accum_steps` in all: they must split evenly across the
+/// ranks, so that every rank runs as many (and the step is one process's, micro-batch for micro-batch).
+pub fn accum_steps_per_rank(comm: &dyn Communicator, accum_steps: usize, flag: &str) -> Result<usize> {
+    let world = comm.world_size();
+    if accum_steps == 0 || accum_steps % world != 0 {
+        bail!(
+            "a step of {accum_steps} micro-batches does not split evenly across {world} processes: make {flag} a \
+             multiple of the device batch times {world}"
+        );
+    }
+    Ok(accum_steps / world)
+}
+
+/// The run's progress bar on rank 0, a hidden one elsewhere (only rank 0 speaks).
+pub fn rank_progress_bar(comm: &dyn Communicator, len: usize, name: &str) -> indicatif::ProgressBar {
+    if comm.is_root() {
+        crate::common::progress_bar(len as u64, name)
+    } else {
+        indicatif::ProgressBar::hidden()
+    }
+}
+
+/// [`log`] on rank 0 only: [`log`] prints even with a hidden bar.
+pub fn log_on(comm: &dyn Communicator, pb: &indicatif::ProgressBar, line: String) {
+    if comm.is_root() {
+        log(pb, line);
+    }
+}
+
 /// Prints a log line above the progress bar, or plainly when the bar is hidden (not a terminal),
 /// where indicatif's `println` would drop it.
 pub fn log(pb: &indicatif::ProgressBar, line: String) {
@@ -422,6 +465,9 @@ pub struct ChatStageArgs {
     /// Seed of the data mixture's order and of the generated tasks.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Data-parallel across processes: auto (MPI when started by mpirun), mpi, or none.
+    #[arg(long, value_enum, default_value_t = DistMode::Auto)]
+    pub dist: DistMode,
 }
 
 impl ChatStageArgs {

@@ -23,6 +23,13 @@
 //!
 //! The engine samples from a model built over the same parameters that the optimizers update, and
 //! is rebuilt after every step so that the next rollouts come from the updated policy.
+//!
+//! Data-parallel (`mpirun -n W nanochat rl train ...`, docs/DISTRIBUTED.md): rank r takes problems
+//! r, r + W, r + 2W, ... of each step's `--examples-per-step` (which must be a multiple of W),
+//! samples and scores their rollouts (the seeds depend on the step, problem and group, not on the
+//! rank), and the gradients are averaged across ranks, as are the step's reward, length and loss;
+//! pass@k splits the test problems the same way and adds the counts. Rank 0 alone logs and writes
+//! checkpoints, metrics and the report; an error on any rank ends every rank.
 
 use std::path::Path;
 
@@ -34,9 +41,10 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{accumulate_grads, append_jsonl, drop_metrics_from, log, ChatStageArgs};
+use super::{accumulate_grads, append_jsonl, drop_metrics_from, log_on, rank_progress_bar, ChatStageArgs};
 use crate::chat_cli::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
+use crate::dist::{self, all_reduce_grads, broadcast_vars, or_abort, rank_stride, Communicator, SingleProcess};
 use crate::engine::{Engine, GenerateOptions};
 use crate::eval::chat::{grade_samples, sample_problem};
 use crate::model::{GPTConfig, Reduction, GPT};
@@ -130,8 +138,16 @@ pub struct RlReport {
 
 pub fn run(cmd: RlCommand) -> Result<()> {
     let RlCommand::Train(args) = cmd;
+    let comm = dist::init(args.stage.dist)?;
+    let result = run_on(&args, comm.as_ref());
+    or_abort(comm.as_ref(), result)
+}
+
+/// [`run`] as one rank of `comm`: every rank loads the starting checkpoint and the problems, rank
+/// 0 alone writes the report section and prints the summary.
+fn run_on(args: &RlArgs, comm: &dyn Communicator) -> Result<()> {
     let tokenizer = crate::tokenizer::load()?;
-    let device = Device::cuda_if_available(0)?;
+    let device = Device::cuda_if_available(dist::local_rank())?;
     let (init, tag) = super::load_stage_checkpoint(
         args.source,
         args.stage.model_tag.as_deref(),
@@ -143,8 +159,11 @@ pub fn run(cmd: RlCommand) -> Result<()> {
     let (train_task, test_task) = (Gsm8k::load(&root, "train")?, Gsm8k::load(&root, "test")?);
     let out_dir = Source::Rl.checkpoints_dir().join(&tag);
     let start = std::time::Instant::now();
-    let report = train(&args, &tokenizer, &train_task, &test_task, &init, &out_dir)?;
-    write_report_section(&args, &report, start.elapsed().as_secs_f64())?;
+    let report = train_on(args, &tokenizer, &train_task, &test_task, &init, &out_dir, comm)?;
+    if !comm.is_root() {
+        return Ok(());
+    }
+    write_report_section(args, &report, start.elapsed().as_secs_f64())?;
     let pass1 = report.pass_at_k.first().copied().unwrap_or(f64::NAN);
     println!(
         "done: {} steps, last mean reward {:.4}, GSM8K pass@1 {pass1:.4}; checkpoint in {}",
@@ -189,7 +208,7 @@ fn policy_engine(config: &GPTConfig, varmap: &VarMap, tokenizer: &bpe::Tokenizer
 }
 
 /// Trains the `init` checkpoint's weights on `train_task`'s problems, measuring pass@k on
-/// `test_task`; checkpoints and metrics go to `out_dir`.
+/// `test_task`; checkpoints and metrics go to `out_dir`. In this process alone.
 pub fn train(
     args: &RlArgs,
     tokenizer: &bpe::Tokenizer,
@@ -198,6 +217,21 @@ pub fn train(
     init: &Checkpoint,
     out_dir: &Path,
 ) -> Result<RlReport> {
+    train_on(args, tokenizer, train_task, test_task, init, out_dir, &SingleProcess)
+}
+
+/// [`train`] as rank `comm.rank()` of `comm.world_size()`; every rank must call it with the same
+/// options and problems. Every rank returns the same rewards; only rank 0 writes anything.
+pub fn train_on(
+    args: &RlArgs,
+    tokenizer: &bpe::Tokenizer,
+    train_task: &dyn Task,
+    test_task: &dyn Task,
+    init: &Checkpoint,
+    out_dir: &Path,
+    comm: &dyn Communicator,
+) -> Result<RlReport> {
+    let (world, root) = (comm.world_size(), comm.is_root());
     let rollout = &args.rollout;
     ensure!(
         rollout.device_batch_size > 0 && rollout.num_samples % rollout.device_batch_size == 0,
@@ -206,32 +240,43 @@ pub fn train(
         rollout.device_batch_size
     );
     ensure!(args.examples_per_step > 0, "--examples-per-step must be at least 1");
+    // Every rank must take as many problems, or the average of their gradients would weigh the
+    // problems unequally.
+    ensure!(
+        args.examples_per_step % world == 0,
+        "--examples-per-step {} does not split evenly across {world} processes",
+        args.examples_per_step
+    );
     let mut num_iterations = train_task.len() / args.examples_per_step * args.num_epochs;
     num_iterations = args.max_iterations.map_or(num_iterations, |m| num_iterations.min(m));
     if num_iterations == 0 {
         bail!("{} problems make no step of {}: lower --examples-per-step", train_task.len(), args.examples_per_step);
     }
-    let device = Device::cuda_if_available(0)?;
+    let device = Device::cuda_if_available(dist::local_rank())?;
     let config = init.meta.model_config.clone();
     let (model, varmap) = checkpoint::model_from_checkpoint(init, &device)?;
     let mut optimizers = setup_optimizers(&config, &varmap, &args.stage.optim_config(args.init_lr_frac))?;
     let vars: Vec<Var> = optimizers.vars().cloned().collect();
+    // Every rank read the same checkpoint; the broadcast makes sure they start in step anyway.
+    broadcast_vars(comm, &vars)?;
     let pad_id = tokenizer.special_id("<|assistant_end|>").context("the tokenizer has no <|assistant_end|>")?;
     let metrics_path = out_dir.join("metrics.jsonl");
-    drop_metrics_from(&metrics_path, 0)?;
+    if root {
+        drop_metrics_from(&metrics_path, 0)?;
+    }
     let eval_problems = args.eval_examples.min(test_task.len());
 
-    let pb = crate::common::progress_bar(num_iterations as u64, "rl train");
-    log(
-        &pb,
-        format!(
-            "RL on {}: {num_iterations} steps of {} problems × {} samples (max {} new tokens)",
-            train_task.name(),
-            args.examples_per_step,
-            rollout.num_samples,
-            rollout.max_new_tokens
-        ),
-    );
+    let pb = rank_progress_bar(comm, num_iterations, "rl train");
+    let say = |line: String| log_on(comm, &pb, line);
+    say(format!(
+        "RL on {}: {num_iterations} steps of {} problems × {} samples (max {} new tokens), {} problems on each of \
+         {world} processes",
+        train_task.name(),
+        args.examples_per_step,
+        rollout.num_samples,
+        rollout.max_new_tokens,
+        args.examples_per_step / world
+    ));
     let mut rewards = Vec::new();
     let mut pass_at_k = Vec::new();
     let mut total_time = 0.0;
@@ -239,25 +284,31 @@ pub fn train(
         let last_step = step == num_iterations;
         let engine = policy_engine(&config, &varmap, tokenizer, &device)?;
         if last_step || (args.eval_every > 0 && step % args.eval_every == 0) {
-            pass_at_k = evaluate_pass_at_k(&engine, test_task, eval_problems, rollout, step)?;
+            pass_at_k = evaluate_pass_at_k_on(comm, &engine, test_task, eval_problems, rollout, step)?;
             let shown: Vec<String> =
                 pass_at_k.iter().enumerate().map(|(k, p)| format!("pass@{} {p:.4}", k + 1)).collect();
-            log(&pb, format!("step {step:05} | {} test problems: {}", eval_problems, shown.join(", ")));
-            append_jsonl(&metrics_path, &json!({ "step": step, "pass_at_k": pass_at_k }))?;
+            say(format!("step {step:05} | {} test problems: {}", eval_problems, shown.join(", ")));
+            if root {
+                append_jsonl(&metrics_path, &json!({ "step": step, "pass_at_k": pass_at_k }))?;
+            }
         }
         if last_step {
             break;
         }
         let t0 = std::time::Instant::now();
-        let problems = (0..args.examples_per_step).map(|j| (step * args.examples_per_step + j) % train_task.len());
+        // The step's problems are one process's; rank r takes those at r, r + W, r + 2W, ...
+        let problems: Vec<usize> = rank_stride(comm, 0, args.examples_per_step)
+            .map(|j| (step * args.examples_per_step + j) % train_task.len())
+            .collect();
         let lr_multiplier = 1.0 - step as f64 / num_iterations as f64;
-        let stats = rl_step(
+        let stats = rl_step_on(
+            comm,
             &model,
             &engine,
             &mut optimizers,
             &vars,
             train_task,
-            problems,
+            problems.into_iter(),
             rollout,
             step,
             pad_id,
@@ -269,22 +320,45 @@ pub fn train(
         rewards.push(stats.mean_reward);
         pb.set_message(format!("reward {:.3} | lrm {lr_multiplier:.2}", stats.mean_reward));
         pb.inc(1);
-        append_jsonl(
-            &metrics_path,
-            &json!({
-                "step": step, "reward": stats.mean_reward, "sequence_length": stats.mean_length,
-                "pg_loss": stats.loss, "lr_multiplier": lr_multiplier, "dt": dt,
-            }),
-        )?;
+        if root {
+            append_jsonl(
+                &metrics_path,
+                &json!({
+                    "step": step, "reward": stats.mean_reward, "sequence_length": stats.mean_length,
+                    "pg_loss": stats.loss, "lr_multiplier": lr_multiplier, "dt": dt,
+                }),
+            )?;
+        }
         let saving = args.save_every > 0 && (step + 1) % args.save_every == 0 && step + 1 < num_iterations;
         if saving {
-            save(args, init, &config, tokenizer, &varmap, step + 1, total_time, out_dir)?;
+            save_on(comm, args, init, &config, tokenizer, &varmap, step + 1, total_time, out_dir)?;
         }
     }
     pb.finish();
-    save(args, init, &config, tokenizer, &varmap, num_iterations, total_time, out_dir)?;
-    log(&pb, format!("saved checkpoint in {}", out_dir.display()));
+    save_on(comm, args, init, &config, tokenizer, &varmap, num_iterations, total_time, out_dir)?;
+    say(format!("saved checkpoint in {}", out_dir.display()));
     Ok(RlReport { rewards, num_iterations, pass_at_k })
+}
+
+/// [`save`] by rank 0 (the weights are the same on every rank), then a barrier: no rank moves on
+/// (or reports success) before the checkpoint is complete.
+#[allow(clippy::too_many_arguments)] // save's arguments and the communicator
+fn save_on(
+    comm: &dyn Communicator,
+    args: &RlArgs,
+    init: &Checkpoint,
+    config: &GPTConfig,
+    tokenizer: &bpe::Tokenizer,
+    varmap: &VarMap,
+    step: usize,
+    total_time: f64,
+    out_dir: &Path,
+) -> Result<()> {
+    if comm.is_root() {
+        save(args, init, config, tokenizer, varmap, step, total_time, out_dir)?;
+    }
+    comm.barrier()?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)] // the run's state at a step; only the step changes between calls
@@ -331,6 +405,26 @@ pub fn rl_step(
     pad_id: u32,
     lr_multiplier: f64,
 ) -> Result<StepStats> {
+    rl_step_on(&SingleProcess, model, engine, optimizers, vars, task, problems, rollout, step, pad_id, lr_multiplier)
+}
+
+/// [`rl_step`] as one rank of `comm`, `problems` its share of the step's (every rank as many):
+/// the gradients are averaged across ranks, so the step is that of all ranks' problems together,
+/// and the statistics are the whole step's on every rank.
+#[allow(clippy::too_many_arguments)] // rl_step's arguments and the communicator
+pub fn rl_step_on(
+    comm: &dyn Communicator,
+    model: &GPT,
+    engine: &Engine,
+    optimizers: &mut Optimizers,
+    vars: &[Var],
+    task: &dyn Task,
+    problems: impl ExactSizeIterator<Item = usize>,
+    rollout: &RolloutArgs,
+    step: usize,
+    pad_id: u32,
+    lr_multiplier: f64,
+) -> Result<StepStats> {
     let num_problems = problems.len();
     let passes = rollout.num_samples / rollout.device_batch_size;
     let device = model.rotary().0.device().clone();
@@ -359,14 +453,22 @@ pub fn rl_step(
             accumulate_grads(&mut grads, vars, &loss)?;
         }
     }
+    // Each rank's loss is divided by its own problem count, so the average over ranks is the loss
+    // of all the step's problems (every rank has as many).
+    all_reduce_grads(comm, vars, &mut grads)?;
+    let mut totals = [loss_sum, reward_sum, length_sum as f64, samples as f64];
+    comm.all_reduce_sum_f64(&mut totals)?;
+    let [loss_sum, reward_sum, length_sum, samples] = totals;
+    let loss_sum = loss_sum / comm.world_size() as f64;
+    // The reduced loss is the same on every rank, so all ranks stop here together.
     if !loss_sum.is_finite() {
         bail!("the policy-gradient loss is {loss_sum}: training diverged; lower the learning rates");
     }
     optimizers.set_lr_multiplier(lr_multiplier);
     optimizers.step(&grads)?;
     Ok(StepStats {
-        mean_reward: reward_sum / samples.max(1) as f64,
-        mean_length: length_sum as f64 / samples.max(1) as f64,
+        mean_reward: reward_sum / samples.max(1.0),
+        mean_length: length_sum / samples.max(1.0),
         loss: loss_sum,
     })
 }
@@ -412,14 +514,28 @@ pub fn evaluate_pass_at_k(
     rollout: &RolloutArgs,
     step: usize,
 ) -> Result<Vec<f64>> {
+    evaluate_pass_at_k_on(&SingleProcess, engine, task, problems, rollout, step)
+}
+
+/// [`evaluate_pass_at_k`] as one rank of `comm`: this rank samples its stride of the problems (a
+/// problem's seed does not depend on the rank) and the pass counts are added across ranks.
+pub fn evaluate_pass_at_k_on(
+    comm: &dyn Communicator,
+    engine: &Engine,
+    task: &dyn Task,
+    problems: usize,
+    rollout: &RolloutArgs,
+    step: usize,
+) -> Result<Vec<f64>> {
     let k = rollout.device_batch_size;
-    let mut passes = vec![0usize; k];
-    for index in 0..problems {
+    let mut passes = vec![0f64; k];
+    for index in rank_stride(comm, 0, problems) {
         let seed = rollout_seed(step, index, usize::MAX);
         let outcomes = grade_samples(task, engine, index, &rollout.options(k, seed))?;
         for (j, pass) in passes.iter_mut().enumerate() {
-            *pass += usize::from(outcomes[..=j].iter().any(|&o| o));
+            *pass += f64::from(u8::from(outcomes[..=j].iter().any(|&o| o)));
         }
     }
-    Ok(passes.iter().map(|&p| p as f64 / problems.max(1) as f64).collect())
+    comm.all_reduce_sum_f64(&mut passes)?;
+    Ok(passes.iter().map(|&p| p / problems.max(1) as f64).collect())
 }

@@ -19,6 +19,14 @@
 //!   `$NANOCHAT_BASE_DIR/chatsft_checkpoints/<tag>`, `<tag>` that of the model it started from.
 //!   Unlike the original, the run does its `num_iterations` steps in full (the original breaks
 //!   out one step early).
+//!
+//! Data-parallel (`mpirun -n W nanochat sft train ...`, docs/DISTRIBUTED.md): a step's
+//! micro-batches, and so its conversations, are those of one process; rank r runs micro-batches
+//! r, r + W, r + 2W, ... of them (so `--target-examples-per-step` must be a multiple of
+//! `--device-batch-size` × W), and the gradients and the loss are averaged across ranks: a step is
+//! one process's with the same global batch. Validation micro-batches are split the same way and
+//! their losses added. Rank 0 alone logs and writes the checkpoint, metrics and report; an error
+//! on any rank ends every rank.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,9 +37,13 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{append_jsonl, drop_metrics_from, log, optimizer_step, render_task, ChatStageArgs, LossEma};
+use super::{
+    accum_steps_per_rank, append_jsonl, drop_metrics_from, log_on, optimizer_step_on, rank_progress_bar, render_task,
+    ChatStageArgs, LossEma,
+};
 use crate::chat_cli::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
+use crate::dist::{self, broadcast_vars, or_abort, rank_stride, Communicator, SingleProcess};
 use crate::model::GPT;
 use crate::optim::setup_optimizers;
 use crate::tasks::arc::{ArcSubset, ArcTask};
@@ -93,8 +105,16 @@ pub struct SftReport {
 
 pub fn run(cmd: SftCommand) -> Result<()> {
     let SftCommand::Train(args) = cmd;
+    let comm = dist::init(args.stage.dist)?;
+    let result = run_on(&args, comm.as_ref());
+    or_abort(comm.as_ref(), result)
+}
+
+/// [`run`] as one rank of `comm`: every rank loads the starting checkpoint and builds the
+/// mixture, rank 0 alone writes the report section and prints the summary.
+fn run_on(args: &SftArgs, comm: &dyn Communicator) -> Result<()> {
     let tokenizer = crate::tokenizer::load()?;
-    let device = Device::cuda_if_available(0)?;
+    let device = Device::cuda_if_available(dist::local_rank())?;
     let (init, tag) = super::load_stage_checkpoint(
         args.source,
         args.stage.model_tag.as_deref(),
@@ -105,22 +125,26 @@ pub fn run(cmd: SftCommand) -> Result<()> {
     let (train_task, val_task) = sft_mixture(&args.stage)?;
     let out_dir = Source::Sft.checkpoints_dir().join(&tag);
     let start = std::time::Instant::now();
-    let report = train(&args, &tokenizer, train_task.as_ref(), val_task.as_ref(), &init, &out_dir)?;
+    let report = train_on(args, &tokenizer, train_task.as_ref(), val_task.as_ref(), &init, &out_dir, comm)?;
+    if !comm.is_root() {
+        return Ok(());
+    }
     let (first_loss, last_loss) = super::loss_span(&report.losses);
     let markdown = format!(
         "- started from: {:?}/{tag} step {}\n- mixture: {} conversations\n- steps: {} of {} conversations\n\
          - training loss: {first_loss:.4} at the first step, {last_loss:.4} at the last\n\
-         - validation loss: {:.4}\n",
+         - validation loss: {:.4}\n- processes: {}\n",
         args.source,
         init.meta.step,
         train_task.len(),
         report.num_iterations,
         args.target_examples_per_step,
-        report.val_loss
+        report.val_loss,
+        comm.world_size()
     );
     let metrics = json!({
         "seconds": start.elapsed().as_secs_f64(), "steps": report.num_iterations, "val_loss": report.val_loss,
-        "first_loss": first_loss, "last_loss": last_loss,
+        "first_loss": first_loss, "last_loss": last_loss, "world_size": comm.world_size(),
     });
     crate::report::write_section("sft_train", &markdown, metrics)?;
     println!(
@@ -183,8 +207,11 @@ fn micro_batch(
     Ok((Tensor::from_vec(inputs, (rows, cols), device)?, Tensor::from_vec(targets, (rows, cols), device)?))
 }
 
-/// The mean loss over the first `steps` micro-batches of the validation conversations.
+/// The mean loss over the first `steps` micro-batches of the validation conversations. Each rank
+/// of `comm` evaluates its stride of them and the sum is added across ranks, so every rank
+/// returns the mean over all `steps`.
 fn validation_loss(
+    comm: &dyn Communicator,
     model: &GPT,
     conversations: &[(Vec<u32>, Vec<u8>)],
     steps: usize,
@@ -192,16 +219,17 @@ fn validation_loss(
     pad_id: u32,
 ) -> Result<f64> {
     let device = model.rotary().0.device().clone();
-    let mut total = 0.0;
-    for k in 0..steps {
+    let mut total = [0.0f64];
+    for k in rank_stride(comm, 0, steps) {
         let (x, y) = micro_batch(conversations, k, rows, pad_id, &device)?;
-        total += f64::from(model.forward(&x, Some(&y))?.to_scalar::<f32>()?);
+        total[0] += f64::from(model.forward(&x, Some(&y))?.to_scalar::<f32>()?);
     }
-    Ok(total / steps as f64)
+    comm.all_reduce_sum_f64(&mut total)?;
+    Ok(total[0] / steps as f64)
 }
 
 /// Finetunes the `init` checkpoint's weights on `train_task`, evaluating on `val_task`; the
-/// checkpoint and metrics go to `out_dir`.
+/// checkpoint and metrics go to `out_dir`. In this process alone.
 pub fn train(
     args: &SftArgs,
     tokenizer: &bpe::Tokenizer,
@@ -210,7 +238,22 @@ pub fn train(
     init: &Checkpoint,
     out_dir: &Path,
 ) -> Result<SftReport> {
-    let device = Device::cuda_if_available(0)?;
+    train_on(args, tokenizer, train_task, val_task, init, out_dir, &SingleProcess)
+}
+
+/// [`train`] as rank `comm.rank()` of `comm.world_size()`; every rank must call it with the same
+/// options and data. Every rank returns the same losses; only rank 0 writes anything.
+pub fn train_on(
+    args: &SftArgs,
+    tokenizer: &bpe::Tokenizer,
+    train_task: &dyn Task,
+    val_task: &dyn Task,
+    init: &Checkpoint,
+    out_dir: &Path,
+    comm: &dyn Communicator,
+) -> Result<SftReport> {
+    let (world, root) = (comm.world_size(), comm.is_root());
+    let device = Device::cuda_if_available(dist::local_rank())?;
     let model_config = init.meta.model_config.clone();
     let rows = args.device_batch_size;
     if rows == 0 || args.target_examples_per_step % rows != 0 {
@@ -220,6 +263,7 @@ pub fn train(
         );
     }
     let accum_steps = args.target_examples_per_step / rows;
+    let rank_accum_steps = accum_steps_per_rank(comm, accum_steps, "--target-examples-per-step")?;
     let mut num_iterations = train_task.len() / args.target_examples_per_step * args.num_epochs;
     num_iterations = args.max_iterations.map_or(num_iterations, |m| num_iterations.min(m));
     if num_iterations == 0 {
@@ -242,19 +286,21 @@ pub fn train(
     let (model, varmap) = checkpoint::model_from_checkpoint(init, &device)?;
     let mut optimizers = setup_optimizers(&model_config, &varmap, &args.stage.optim_config(args.init_lr_frac))?;
     let vars: Vec<Var> = optimizers.vars().cloned().collect();
+    // Every rank read the same checkpoint; the broadcast makes sure they start in step anyway.
+    broadcast_vars(comm, &vars)?;
     let metrics_path = out_dir.join("metrics.jsonl");
-    drop_metrics_from(&metrics_path, 0)?;
+    if root {
+        drop_metrics_from(&metrics_path, 0)?;
+    }
 
-    let pb = crate::common::progress_bar(num_iterations as u64, "sft train");
-    log(
-        &pb,
-        format!(
-            "finetuning {model_config:?} on {} conversations: {num_iterations} steps of {} ({accum_steps} \
-             micro-batches of {rows})",
-            conversations.len(),
-            args.target_examples_per_step
-        ),
-    );
+    let pb = rank_progress_bar(comm, num_iterations, "sft train");
+    let say = |line: String| log_on(comm, &pb, line);
+    say(format!(
+        "finetuning {model_config:?} on {} conversations: {num_iterations} steps of {} ({rank_accum_steps} \
+         micro-batches of {rows} on each of {world} processes)",
+        conversations.len(),
+        args.target_examples_per_step
+    ));
     let mut ema = LossEma::default();
     let mut losses = Vec::new();
     let mut val_loss = f64::NAN;
@@ -262,49 +308,66 @@ pub fn train(
     for step in 0..=num_iterations {
         let last_step = step == num_iterations;
         if last_step || (args.eval_every > 0 && step % args.eval_every == 0) {
-            val_loss = validation_loss(&model, &val_conversations, val_steps, rows, pad_id)?;
-            log(&pb, format!("step {step:05} | validation loss {val_loss:.4}"));
-            append_jsonl(&metrics_path, &json!({ "step": step, "val_loss": val_loss }))?;
+            val_loss = validation_loss(comm, &model, &val_conversations, val_steps, rows, pad_id)?;
+            say(format!("step {step:05} | validation loss {val_loss:.4}"));
+            if root {
+                append_jsonl(&metrics_path, &json!({ "step": step, "val_loss": val_loss }))?;
+            }
         }
         if last_step {
             break;
         }
         let t0 = std::time::Instant::now();
+        // The step's micro-batches (and so its conversations) are one process's; rank r runs those at
+        // r, r + W, r + 2W, ... Whole micro-batches rather than every W-th conversation: the loss of a
+        // micro-batch is the mean over its supervised tokens, so regrouping conversations would change
+        // the step, not only its order of additions.
         let first = step * accum_steps;
-        let micro_batches = (first..first + accum_steps).map(|k| micro_batch(&conversations, k, rows, pad_id, &device));
+        let micro_batches =
+            rank_stride(comm, first, accum_steps).map(|k| micro_batch(&conversations, k, rows, pad_id, &device));
         let lr_multiplier = 1.0 - step as f64 / num_iterations as f64;
-        let (loss, grad_norm) = optimizer_step(
+        let stats = optimizer_step_on(
+            comm,
             &model,
             &mut optimizers,
             &vars,
             micro_batches,
-            accum_steps,
+            rank_accum_steps,
             args.stage.grad_clip,
             lr_multiplier,
             None,
         )
         .with_context(|| format!("step {step}"))?;
+        let (loss, grad_norm) = (stats.loss, stats.grad_norm);
         let dt = t0.elapsed().as_secs_f64();
         total_time += dt;
         let smooth_loss = ema.update(loss, step);
         losses.push(loss);
         pb.set_message(format!("loss {smooth_loss:.4} | lrm {lr_multiplier:.2}"));
         pb.inc(1);
-        append_jsonl(
-            &metrics_path,
-            &json!({
-                "step": step, "loss": loss, "smooth_loss": smooth_loss, "lr_multiplier": lr_multiplier,
-                "grad_norm": grad_norm, "dt": dt,
-            }),
-        )?;
+        if root {
+            append_jsonl(
+                &metrics_path,
+                &json!({
+                    "step": step, "loss": loss, "smooth_loss": smooth_loss, "lr_multiplier": lr_multiplier,
+                    "grad_norm": grad_norm, "dt": dt, "comm_seconds": stats.comm_seconds,
+                }),
+            )?;
+        }
     }
     pb.finish();
-    let mut meta = Meta::new(num_iterations, model_config, tokenizer.fingerprint());
-    meta.loop_state =
-        LoopState { smooth_train_loss: ema.value, total_training_time: total_time, ..LoopState::default() };
-    meta.run_config = json!({ "args": args, "num_iterations": num_iterations, "source": format!("{:?}", args.source),
-                              "source_step": init.meta.step });
-    checkpoint::save(out_dir, &checkpoint::varmap_tensors(&varmap)?, None, &meta)?;
-    log(&pb, format!("saved checkpoint in {}", out_dir.display()));
+    // The weights are the same on every rank: rank 0's checkpoint is the run's.
+    if root {
+        let mut meta = Meta::new(num_iterations, model_config, tokenizer.fingerprint());
+        meta.loop_state =
+            LoopState { smooth_train_loss: ema.value, total_training_time: total_time, ..LoopState::default() };
+        meta.run_config = json!({ "args": args, "num_iterations": num_iterations,
+                                  "source": format!("{:?}", args.source), "source_step": init.meta.step,
+                                  "world_size": world });
+        checkpoint::save(out_dir, &checkpoint::varmap_tensors(&varmap)?, None, &meta)?;
+        say(format!("saved checkpoint in {}", out_dir.display()));
+    }
+    // No rank reports success before the checkpoint is complete.
+    comm.barrier()?;
     Ok(SftReport { losses, num_iterations, val_loss })
 }
