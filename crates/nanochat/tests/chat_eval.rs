@@ -184,6 +184,36 @@ fn the_fixture_model_scores_in_range_and_repeatably() -> Result<()> {
 }
 
 #[test]
+fn the_samples_file_holds_every_completion_and_its_grade() -> Result<()> {
+    let engine = fixture_engine()?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("samples.jsonl");
+    let opts = ChatEvalOptions { samples_file: Some(path.clone()), num_samples: 2, temperature: 1.0, ..options(3) };
+    let result = run_chat_eval(&engine, "GSM8K", &opts)?;
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&path)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 3, "one line per problem");
+    let mut passed = 0;
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!((line["task"].as_str(), line["index"].as_u64()), (Some("GSM8K-test"), Some(i as u64)));
+        let (completions, grades) = (line["completions"].as_array().unwrap(), line["passed"].as_array().unwrap());
+        assert_eq!((completions.len(), grades.len()), (2, 2));
+        // The same completions again, from the engine directly: the file is what was graded.
+        let again = nanochat::eval::chat::sample_problem(
+            nanochat::eval::chat::load_task("GSM8K", &nanochat::tasks::DataRoot::new(shared().join("data")))?.as_ref(),
+            &engine,
+            i,
+            &nanochat::eval::chat::generate_options(&opts),
+        )?;
+        let texts = again.completions(engine.tokenizer());
+        assert_eq!(completions.iter().map(|c| c.as_str().unwrap()).collect::<Vec<_>>(), texts);
+        passed += usize::from(grades.iter().any(|g| g.as_bool() == Some(true)));
+    }
+    assert_eq!(passed, result.passed);
+    Ok(())
+}
+
+#[test]
 fn humaneval_and_spellingbee_run_end_to_end() -> Result<()> {
     let engine = fixture_engine()?;
     for task in ["HumanEval", "SpellingBee"] {

@@ -18,7 +18,7 @@
 //! has in one process), the counts are added across ranks, and rank 0 alone prints and writes the
 //! JSON and the report section; an error on any rank ends every rank.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -61,6 +61,8 @@ pub struct ChatEvalOptions {
     pub seed: u64,
     /// Print a running score to stderr.
     pub progress: bool,
+    /// Append every generative completion (special tokens spelled out) to this JSON-lines file.
+    pub samples_file: Option<PathBuf>,
 }
 
 impl Default for ChatEvalOptions {
@@ -75,6 +77,7 @@ impl Default for ChatEvalOptions {
             top_k: Some(50),
             seed: 42,
             progress: false,
+            samples_file: None,
         }
     }
 }
@@ -305,7 +308,13 @@ pub fn evaluate_generative_at(
 ) -> Result<Tally> {
     let mut tally = Tally::default();
     for &index in indices {
-        let passed = grade_samples(task, engine, index, &generate_options(opts))?.iter().any(|&p| p);
+        let sampled = sample_problem(task, engine, index, &generate_options(opts))?;
+        let completions = sampled.completions(engine.tokenizer());
+        let grades: Vec<bool> = completions.iter().map(|c| task.evaluate(&sampled.example, c)).collect();
+        if let Some(path) = &opts.samples_file {
+            record_samples(path, &task.name(), index, &completions, &grades)?;
+        }
+        let passed = grades.iter().any(|&p| p);
         tally.problems += 1;
         tally.passed += usize::from(passed);
         if opts.progress {
@@ -316,6 +325,19 @@ pub fn evaluate_generative_at(
         eprintln!();
     }
     Ok(tally)
+}
+
+/// Appends one problem's completions and grades as a JSON line (under MPI, every rank appends its
+/// own problems to the same file; each line is one write).
+fn record_samples(path: &Path, task: &str, index: usize, completions: &[String], grades: &[bool]) -> Result<()> {
+    use std::io::Write;
+    let line = serde_json::json!({ "task": task, "index": index, "completions": completions, "passed": grades });
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {} for the samples", path.display()))?;
+    file.write_all(format!("{line}\n").as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Samples `gen.num_samples` completions of problem `index` and grades each one.
@@ -418,6 +440,10 @@ pub struct ChatEvalArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Append the completions of the generative tasks (GSM8K, HumanEval, SpellingBee) to this
+    /// JSON-lines file, special tokens spelled out: to see how the model answers and uses the tool.
+    #[arg(long)]
+    pub samples: Option<PathBuf>,
     /// Split the problems across processes: auto (MPI when started by mpirun), mpi, or none.
     #[arg(long, value_enum, default_value_t = DistMode::Auto)]
     pub dist: DistMode,
@@ -449,6 +475,7 @@ impl ChatEvalArgs {
             top_k: Some(self.top_k),
             seed: self.seed,
             progress: true,
+            samples_file: self.samples.clone(),
         }
     }
 }
