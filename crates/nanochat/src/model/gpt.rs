@@ -57,10 +57,10 @@ impl GPTConfig {
         if c.n_layer == 0 || c.n_head == 0 || c.n_kv_head == 0 || c.vocab_size == 0 {
             candle_core::bail!("GPTConfig needs n_layer, n_head, n_kv_head, vocab_size > 0: {c:?}");
         }
-        if c.n_embd % c.n_head != 0 || c.head_dim() % 2 != 0 {
+        if !c.n_embd.is_multiple_of(c.n_head) || !c.head_dim().is_multiple_of(2) {
             candle_core::bail!("n_embd must split into n_head heads of even dimension: {c:?}");
         }
-        if c.n_head % c.n_kv_head != 0 {
+        if !c.n_head.is_multiple_of(c.n_kv_head) {
             candle_core::bail!("n_kv_head must divide n_head: {c:?}");
         }
         Ok(())

@@ -250,7 +250,7 @@ pub fn train_on(
     }
     let rows = args.device_batch_size;
     let per_pass = rows * seq_len;
-    if per_pass == 0 || args.total_batch_size % per_pass != 0 {
+    if per_pass == 0 || !args.total_batch_size.is_multiple_of(per_pass) {
         bail!("--total-batch-size {} is not a multiple of {rows} x {seq_len}", args.total_batch_size);
     }
     let accum_steps = args.total_batch_size / per_pass;

@@ -403,7 +403,7 @@ pub fn drop_metrics_from(path: &Path, step: usize) -> Result<()> {
 /// ranks, so that every rank runs as many (and the step is one process's, micro-batch for micro-batch).
 pub fn accum_steps_per_rank(comm: &dyn Communicator, accum_steps: usize, flag: &str) -> Result<usize> {
     let world = comm.world_size();
-    if accum_steps == 0 || accum_steps % world != 0 {
+    if accum_steps == 0 || !accum_steps.is_multiple_of(world) {
         bail!(
             "a step of {accum_steps} micro-batches does not split evenly across {world} processes: make {flag} a \
              multiple of the device batch times {world}"

@@ -234,7 +234,7 @@ pub fn train_on(
     let (world, root) = (comm.world_size(), comm.is_root());
     let rollout = &args.rollout;
     ensure!(
-        rollout.device_batch_size > 0 && rollout.num_samples % rollout.device_batch_size == 0,
+        rollout.device_batch_size > 0 && rollout.num_samples.is_multiple_of(rollout.device_batch_size),
         "--num-samples {} is not a multiple of --device-batch-size {}",
         rollout.num_samples,
         rollout.device_batch_size
@@ -243,7 +243,7 @@ pub fn train_on(
     // Every rank must take as many problems, or the average of their gradients would weigh the
     // problems unequally.
     ensure!(
-        args.examples_per_step % world == 0,
+        args.examples_per_step.is_multiple_of(world),
         "--examples-per-step {} does not split evenly across {world} processes",
         args.examples_per_step
     );

@@ -256,7 +256,7 @@ pub fn train_on(
     let device = Device::cuda_if_available(dist::local_rank())?;
     let model_config = init.meta.model_config.clone();
     let rows = args.device_batch_size;
-    if rows == 0 || args.target_examples_per_step % rows != 0 {
+    if rows == 0 || !args.target_examples_per_step.is_multiple_of(rows) {
         bail!(
             "--target-examples-per-step {} is not a multiple of --device-batch-size {rows}",
             args.target_examples_per_step

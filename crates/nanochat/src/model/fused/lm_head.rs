@@ -9,13 +9,18 @@
 //! `z = c tanh(logits / c)`. The backward only scales: with g the per-token upstream gradient,
 //! dx = diag(g) G W and dW = Gᵀ diag(g) x, so G is never rescaled, and the buffer goes back to the
 //! pool for the next step.
+//!
+//! These three products are about two thirds of a training step's matmul FLOPs at the benchmark
+//! shape; with [`super::set_bf16_matmul`] on and a CPU with AVX-512 BF16 they run on the bf16
+//! GEMM (operands rounded to bf16, f32 accumulation, twice the f32 rate). Everything else here,
+//! the logits buffer, the softmax and G, stays f32.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, gemm_parallel, simd, Mat};
+use super::{bf16_matmul_active, f32_slice, gemm_bf16, gemm_parallel, simd, Mat};
 
 /// The logits buffer of the last step, kept for the next one (one at most: training needs one).
 static POOL: Mutex<Option<Vec<f32>>> = Mutex::new(None);
@@ -36,6 +41,16 @@ fn take_buffer(n: usize) -> Vec<f32> {
 fn return_buffer(buf: Vec<f32>) {
     if let Ok(mut p) = POOL.lock() {
         *p = Some(buf);
+    }
+}
+
+/// `dst (m x n) = a (m x k) · b (k x n)` on all threads: the bf16 GEMM when it is on and the CPU
+/// has it, the f32 one otherwise.
+fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat) -> Result<()> {
+    if bf16_matmul_active() {
+        gemm_bf16(m, n, k, dst, dst_rs, a, b, 1.0, false)
+    } else {
+        gemm_parallel(m, n, k, dst, dst_rs, a, b, 1.0)
     }
 }
 
@@ -109,7 +124,7 @@ impl CustomOp3 for LmHeadCrossEntropy {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut buf = take_buffer(n * v);
-        gemm_parallel(n, v, c, &mut buf, v, Mat { data: x, rs: c, cs: 1 }, Mat { data: w, rs: 1, cs: c }, 1.0)?;
+        matmul(n, v, c, &mut buf, v, Mat { data: x, rs: c, cs: 1 }, Mat { data: w, rs: 1, cs: c })?;
         let cap = self.cap;
         let mut losses = vec![0f32; n];
         buf.par_chunks_mut(v).zip(losses.par_iter_mut()).zip(classes.par_iter()).for_each(|((row, loss), t)| {
@@ -147,31 +162,13 @@ impl CustomOp3 for LmHeadCrossEntropy {
         let result = (|| -> Result<(Vec<f32>, Vec<f32>)> {
             // dx = diag(g) (G W)
             let mut dx = vec![0f32; n * c];
-            gemm_parallel(
-                n,
-                c,
-                v,
-                &mut dx,
-                c,
-                Mat { data: &g_buf, rs: v, cs: 1 },
-                Mat { data: &wv, rs: c, cs: 1 },
-                1.0,
-            )?;
+            matmul(n, c, v, &mut dx, c, Mat { data: &g_buf, rs: v, cs: 1 }, Mat { data: &wv, rs: c, cs: 1 })?;
             dx.par_chunks_mut(c).zip(g.par_iter()).for_each(|(row, &gi)| row.iter_mut().for_each(|d| *d *= gi));
             // dW = Gᵀ (diag(g) x)
             let mut xs = xv;
             xs.par_chunks_mut(c).zip(g.par_iter()).for_each(|(row, &gi)| row.iter_mut().for_each(|d| *d *= gi));
             let mut dw = vec![0f32; v * c];
-            gemm_parallel(
-                v,
-                c,
-                n,
-                &mut dw,
-                c,
-                Mat { data: &g_buf, rs: 1, cs: v },
-                Mat { data: &xs, rs: c, cs: 1 },
-                1.0,
-            )?;
+            matmul(v, c, n, &mut dw, c, Mat { data: &g_buf, rs: 1, cs: v }, Mat { data: &xs, rs: c, cs: 1 })?;
             Ok((dx, dw))
         })();
         return_buffer(g_buf);

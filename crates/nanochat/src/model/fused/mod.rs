@@ -10,9 +10,11 @@
 //! - `relu2`: the MLP's ReLU²
 //! - `cross_entropy`: softcap + cross-entropy over the vocabulary
 //! - `lm_head`: the lm_head projection fused with softcap + cross-entropy (one reused logits buffer)
+//! - `gemm_bf16`: an AVX-512 BF16 GEMM the lm_head's products can use ([`set_bf16_matmul`])
 
 mod attention;
 mod cross_entropy;
+mod gemm_bf16;
 mod lm_head;
 mod norm;
 mod relu2;
@@ -25,6 +27,7 @@ use candle_core::{CpuStorage, Layout, Result};
 
 pub use attention::causal_attention;
 pub use cross_entropy::softcap_cross_entropy;
+pub use gemm_bf16::{bf16_matmul_active, bf16_supported, gemm_bf16, round_bf16, set_bf16_matmul};
 
 /// `cap * tanh(x / cap)` in place, vectorised (AVX2 + FMA when the CPU has them): the softcap the
 /// lm_head kernels apply, shared with the native decode path.
@@ -50,9 +53,10 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// A read-only matrix view for [`gemm`]: element (i, j) at `data[i * rs + j * cs]`.
+/// A read-only matrix view for the GEMMs (`gemm` and [`gemm_bf16`]): element (i, j) at
+/// `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
-pub(crate) struct Mat<'a> {
+pub struct Mat<'a> {
     pub data: &'a [f32],
     pub rs: usize,
     pub cs: usize,

@@ -1,0 +1,167 @@
+//! The AVX-512 BF16 GEMM against an f64 reference computed from the bf16-rounded operands (odd
+//! shapes, every operand layout, alpha, accumulation), and the lm_head kernel with its bf16 GEMMs
+//! against its f32 path. Every test returns early, saying so, on a CPU without AVX-512 BF16.
+
+use candle_core::{Device, Tensor, Var};
+use nanochat::model::fused::{self, gemm_bf16, round_bf16, Mat};
+
+fn skip(test: &str) -> bool {
+    let skip = !fused::bf16_supported();
+    if skip {
+        eprintln!("{test}: skipped, this CPU lacks AVX-512 BF16");
+    }
+    skip
+}
+
+/// Deterministic values in [-1, 1) (a 64-bit LCG), with a sprinkle of larger magnitudes.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(1);
+    (0..n)
+        .map(|i| {
+            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            let x = ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0;
+            if i % 97 == 5 {
+                x * 300.0
+            } else {
+                x
+            }
+        })
+        .collect()
+}
+
+/// A (rows × cols) matrix stored row-major, or column-major when `transposed`.
+fn view(data: &[f32], rows: usize, cols: usize, transposed: bool) -> Mat<'_> {
+    if transposed {
+        Mat { data, rs: 1, cs: rows }
+    } else {
+        Mat { data, rs: cols, cs: 1 }
+    }
+}
+
+/// `gemm_bf16` on (av, bv) into a destination with rows 3 longer than n, against the f64
+/// reference of the rounded operands: the worst error relative to the sum of magnitudes must stay
+/// at f32 accumulation's level.
+fn check(what: &str, (m, n, k): (usize, usize, usize), av: Mat, bv: Mat, alpha: f32, accumulate: bool) {
+    let dst_rs = n + 3;
+    let before = values(m * dst_rs, (m * n * k) as u64);
+    let mut dst = before.clone();
+    gemm_bf16(m, n, k, &mut dst, dst_rs, av, bv, alpha, accumulate).unwrap();
+    let mut worst = 0f64;
+    for i in 0..m {
+        for j in 0..n {
+            let (mut sum, mut abs) = (0f64, 0f64);
+            for kk in 0..k {
+                let p = f64::from(round_bf16(av.data[i * av.rs + kk * av.cs]))
+                    * f64::from(round_bf16(bv.data[kk * bv.rs + j * bv.cs]));
+                sum += p;
+                abs += p.abs();
+            }
+            let old = if accumulate { f64::from(before[i * dst_rs + j]) } else { 0.0 };
+            let reference = f64::from(alpha) * sum + old;
+            // f32 accumulation of k products: error ~ (a few ulps) × the sum of magnitudes
+            let scale = f64::from(alpha.abs()) * abs + old.abs() + 1e-30;
+            worst = worst.max((f64::from(dst[i * dst_rs + j]) - reference).abs() / scale);
+        }
+        // the gap between rows is not part of C and stays as it was
+        for j in n..dst_rs {
+            assert_eq!(dst[i * dst_rs + j], before[i * dst_rs + j], "{what}: wrote past row {i}");
+        }
+    }
+    println!("{what}: worst relative error {worst:.2e}");
+    assert!(worst < 1e-5, "{what}: error {worst:.2e}");
+}
+
+#[test]
+fn bf16_gemm_matches_an_f64_reference_of_the_rounded_operands() {
+    if skip("bf16_gemm_matches_an_f64_reference_of_the_rounded_operands") {
+        return;
+    }
+    // Odd k (a zero-padded last pair), m and n off the 12-row and 32-column tiles and the 240-row
+    // blocks, k over a 256 chunk; every layout of each operand (which picks the packing path).
+    let shapes = [(1, 1, 1), (1, 40, 7), (13, 33, 3), (12, 32, 2), (37, 65, 257), (300, 289, 301), (25, 31, 600)];
+    for (si, &(m, n, k)) in shapes.iter().enumerate() {
+        for (ta, tb, accumulate) in
+            [(false, false, false), (false, true, true), (true, false, true), (true, true, false)]
+        {
+            let seed = 10 * si as u64;
+            let (a, b) = (values(m * k, seed + 1), values(k * n, seed + 2));
+            let what = format!("{m}x{n}x{k} (a^T {ta}, b^T {tb}, accumulate {accumulate})");
+            check(&what, (m, n, k), view(&a, m, k, ta), view(&b, k, n, tb), -0.75, accumulate);
+        }
+    }
+    // neither stride 1 (every third element): the generic packing
+    let (m, n, k) = (29, 35, 19);
+    let (a, b) = (values(3 * m * k, 7), values(3 * k * n, 8));
+    let (av, bv) = (Mat { data: &a, rs: 3 * k, cs: 3 }, Mat { data: &b, rs: 3, cs: 3 * k });
+    check("29x35x19 strided", (m, n, k), av, bv, 2.0, true);
+}
+
+#[test]
+fn bf16_gemm_rounds_its_operands_to_bf16() {
+    if skip("bf16_gemm_rounds_its_operands_to_bf16") {
+        return;
+    }
+    // A bf16 keeps 7 bits of mantissa: 1 + 2^-8 and 1 + 3·2^-8 are ties, to even: 1 and 1 + 2^-6;
+    // 1 + 3·2^-9 rounds up to 1 + 2^-7. The sums of the rounded operands are exact in f32.
+    let (a, b) = ([1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-9)], [1.0f32; 3]);
+    let mut dst = [0f32; 1];
+    gemm_bf16(1, 1, 3, &mut dst, 1, view(&a, 1, 3, false), view(&b, 3, 1, false), 1.0, false).unwrap();
+    assert_eq!([round_bf16(a[0]), round_bf16(a[1]), round_bf16(a[2])], [1.0, 1.0 + 2f32.powi(-6), 1.0 + 2f32.powi(-7)]);
+    assert_eq!(dst[0], 3.0 + 2f32.powi(-6) + 2f32.powi(-7));
+    // the same values as B, packed by the other path (rows, here columns, adjacent)
+    gemm_bf16(1, 1, 3, &mut dst, 1, view(&b, 1, 3, false), view(&a, 3, 1, false), 1.0, false).unwrap();
+    assert_eq!(dst[0], 3.0 + 2f32.powi(-6) + 2f32.powi(-7));
+    // k = 0: C = 0, or C unchanged when accumulating
+    let mut dst = [5f32; 6];
+    gemm_bf16(2, 3, 0, &mut dst, 3, view(&[], 2, 0, false), view(&[], 0, 3, false), 1.0, true).unwrap();
+    assert_eq!(dst, [5.0; 6]);
+    gemm_bf16(2, 3, 0, &mut dst, 3, view(&[], 2, 0, false), view(&[], 0, 3, false), 1.0, false).unwrap();
+    assert_eq!(dst, [0.0; 6]);
+}
+
+#[test]
+fn bf16_gemm_rejects_operands_too_small() {
+    if skip("bf16_gemm_rejects_operands_too_small") {
+        return;
+    }
+    let (a, b) = (values(6, 1), values(6, 2));
+    let mut dst = vec![0f32; 4];
+    assert!(gemm_bf16(2, 2, 3, &mut dst, 2, view(&a, 2, 3, false), view(&b, 3, 2, false), 1.0, false).is_ok());
+    assert!(gemm_bf16(2, 2, 4, &mut dst, 2, view(&a, 2, 4, false), view(&b, 4, 2, false), 1.0, false).is_err());
+    assert!(gemm_bf16(3, 2, 3, &mut dst, 2, view(&a, 3, 3, false), view(&b, 3, 2, false), 1.0, false).is_err());
+    assert!(gemm_bf16(2, 2, 3, &mut dst, 1, view(&a, 2, 3, false), view(&b, 3, 2, false), 1.0, false).is_err());
+}
+
+#[test]
+fn lm_head_with_bf16_gemms_matches_the_f32_path() {
+    if skip("lm_head_with_bf16_gemms_matches_the_f32_path") {
+        return;
+    }
+    let dev = Device::Cpu;
+    let (n, c, v) = (77, 96, 1237);
+    let xr = Tensor::randn(0f32, 1.0, (n, c), &dev).unwrap();
+    let wr = (Tensor::randn(0f32, 1.0, (v, c), &dev).unwrap() * 0.2).unwrap();
+    let targets: Vec<i64> = (0..n as i64).map(|i| if i % 7 == 3 { -1 } else { (i * 7919) % v as i64 }).collect();
+    let targets = Tensor::new(targets.as_slice(), &dev).unwrap();
+    // random weights on the per-token losses: a non-uniform upstream gradient
+    let weights = Tensor::rand(0f32, 1.0, n, &dev).unwrap();
+    let run = |bf16: bool| {
+        fused::set_bf16_matmul(bf16);
+        assert_eq!(fused::bf16_matmul_active(), bf16);
+        let (x, w) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
+        let losses = fused::lm_head_cross_entropy(x.as_tensor(), w.as_tensor(), &targets, 15.0).unwrap();
+        let grads = losses.mul(&weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let (dx, dw) = (grads.get(x.as_tensor()).unwrap().clone(), grads.get(w.as_tensor()).unwrap().clone());
+        fused::set_bf16_matmul(false);
+        (losses, dx, dw)
+    };
+    let (l32, dx32, dw32) = run(false);
+    let (l16, dx16, dw16) = run(true);
+    for (what, bf, f) in [("losses", &l16, &l32), ("dx", &dx16, &dx32), ("dw", &dw16, &dw32)] {
+        let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let (diff, scale) = (max(&(bf - f).unwrap()), max(f));
+        println!("{what}: max |bf16 - f32| {diff:.2e}, max |f32| {scale:.2e}");
+        assert!(diff <= 1e-2 * scale, "{what}: bf16 differs from f32 by {diff} (scale {scale})");
+        assert!(diff > 0.0, "{what}: identical, so the bf16 GEMM did not run");
+    }
+}
