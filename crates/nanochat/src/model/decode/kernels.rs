@@ -19,6 +19,11 @@ const GEMM_MIN_ROWS: usize = 16;
 /// Below this many multiply-adds a kernel runs on the calling thread: rayon's fork-join costs a few
 /// microseconds, as much as a small matrix-vector product.
 const PAR_MIN_MACS: usize = 1 << 17;
+/// The few-row kernel's version of [`PAR_MIN_MACS`], in bytes of weights streamed per row of
+/// activations (512 KiB, 1 << 17 f32 multiply-adds): narrow weights are cheaper to stream, so a
+/// bf16 or int8 matrix has to be 2x or 4x larger before splitting it across threads pays (int8
+/// batch-1 decode: ~1,200 -> ~1,400 tokens/s on 2 cores, f32 unchanged).
+const PAR_MIN_WEIGHT_BYTES: usize = 4 << 17;
 /// Keys scored at once by [`attend`]: the scores of one block live on the stack.
 const KEY_BLOCK: usize = 64;
 /// Weights widened to f32 at once before a prefill GEMM over bf16 or int8 weights (512 KiB): the
@@ -294,7 +299,7 @@ fn linear_rows<E: Elem>(
             j += 2;
         }
     };
-    if n * m * k < PAR_MIN_MACS {
+    if n * m * k * std::mem::size_of::<E>() < PAR_MIN_WEIGHT_BYTES {
         work(0..m);
     } else {
         // a few blocks per thread so that a slower core does not hold up the step
