@@ -307,12 +307,14 @@ pub fn evaluate_generative_at(
     opts: &ChatEvalOptions,
 ) -> Result<Tally> {
     let mut tally = Tally::default();
+    let mut samples = match &opts.samples_file {
+        Some(path) => Some((samples_file(path)?, path)),
+        None => None,
+    };
     for &index in indices {
-        let sampled = sample_problem(task, engine, index, &generate_options(opts))?;
-        let completions = sampled.completions(engine.tokenizer());
-        let grades: Vec<bool> = completions.iter().map(|c| task.evaluate(&sampled.example, c)).collect();
-        if let Some(path) = &opts.samples_file {
-            record_samples(path, &task.name(), index, &completions, &grades)?;
+        let (completions, grades) = grade_samples(task, engine, index, &generate_options(opts))?;
+        if let Some((file, path)) = &mut samples {
+            record_samples(file, path, &task.name(), index, &completions, &grades)?;
         }
         let passed = grades.iter().any(|&p| p);
         tally.problems += 1;
@@ -327,23 +329,42 @@ pub fn evaluate_generative_at(
     Ok(tally)
 }
 
-/// Appends one problem's completions and grades as a JSON line (under MPI, every rank appends its
-/// own problems to the same file; each line is one write).
-fn record_samples(path: &Path, task: &str, index: usize, completions: &[String], grades: &[bool]) -> Result<()> {
-    use std::io::Write;
-    let line = serde_json::json!({ "task": task, "index": index, "completions": completions, "passed": grades });
-    let mut file = std::fs::OpenOptions::new()
+/// The samples file, opened for appending (under MPI every rank appends its own problems to the
+/// same file, a line per write).
+fn samples_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .with_context(|| format!("opening {} for the samples", path.display()))?;
+        .with_context(|| format!("opening {} for the samples", path.display()))
+}
+
+/// Appends one problem's completions and grades as a JSON line.
+fn record_samples(
+    file: &mut std::fs::File,
+    path: &Path,
+    task: &str,
+    index: usize,
+    completions: &[String],
+    grades: &[bool],
+) -> Result<()> {
+    use std::io::Write;
+    let line = serde_json::json!({ "task": task, "index": index, "completions": completions, "passed": grades });
     file.write_all(format!("{line}\n").as_bytes()).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Samples `gen.num_samples` completions of problem `index` and grades each one.
-pub fn grade_samples(task: &dyn Task, engine: &Engine, index: usize, gen: &GenerateOptions) -> Result<Vec<bool>> {
+/// Samples `gen.num_samples` completions of problem `index` and grades each one: the completions
+/// as text and whether each passed.
+pub fn grade_samples(
+    task: &dyn Task,
+    engine: &Engine,
+    index: usize,
+    gen: &GenerateOptions,
+) -> Result<(Vec<String>, Vec<bool>)> {
     let sampled = sample_problem(task, engine, index, gen)?;
-    Ok(sampled.completions(engine.tokenizer()).iter().map(|c| task.evaluate(&sampled.example, c)).collect())
+    let completions = sampled.completions(engine.tokenizer());
+    let grades = completions.iter().map(|c| task.evaluate(&sampled.example, c)).collect();
+    Ok((completions, grades))
 }
 
 /// The sampling options of a generative eval.

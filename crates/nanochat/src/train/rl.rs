@@ -531,7 +531,7 @@ pub fn evaluate_pass_at_k_on(
     let mut passes = vec![0f64; k];
     for index in rank_stride(comm, 0, problems) {
         let seed = rollout_seed(step, index, usize::MAX);
-        let outcomes = grade_samples(task, engine, index, &rollout.options(k, seed))?;
+        let (_, outcomes) = grade_samples(task, engine, index, &rollout.options(k, seed))?;
         for (j, pass) in passes.iter_mut().enumerate() {
             *pass += f64::from(u8::from(outcomes[..=j].iter().any(|&o| o)));
         }
