@@ -4,7 +4,12 @@
 //! - `model_{N:06}.safetensors`: the parameters under the original's names (all inference needs);
 //! - `optim_{N:06}.safetensors`: the optimizers' state (`adamw.*`, `muon.*`), only for resuming;
 //! - `meta_{N:06}.json`: format name and version, model config, step, loop state, data-loader
-//!   state, tokenizer fingerprint, the run's options, and the byte size of both tensor files.
+//!   state, tokenizer fingerprint, the run's options, and the byte size of every tensor file.
+//!
+//! A run of several processes, whose optimizer state is sharded (each rank keeps its own
+//! parameters'), writes `optim_{N:06}_rank{r}.safetensors` instead of the optimizer file, each rank
+//! r its own (the original's layout); the meta lists them all, and loading reads their union, so
+//! such a checkpoint resumes under any number of processes that the stage allows.
 //!
 //! Every file is written to a temporary name and renamed into place, and the meta goes last, so a
 //! checkpoint is complete if and only if its meta exists: a crash mid-save leaves at worst an
@@ -40,6 +45,15 @@ pub fn model_path(dir: &Path, step: usize) -> PathBuf {
 
 pub fn optim_path(dir: &Path, step: usize) -> PathBuf {
     dir.join(format!("optim_{step:06}.safetensors"))
+}
+
+/// Rank `rank`'s shard of the optimizer state of a checkpoint of several processes.
+pub fn optim_shard_path(dir: &Path, step: usize, rank: usize) -> PathBuf {
+    dir.join(format!("{}{rank}.safetensors", optim_shard_prefix(step)))
+}
+
+fn optim_shard_prefix(step: usize) -> String {
+    format!("optim_{step:06}_rank")
 }
 
 pub fn meta_path(dir: &Path, step: usize) -> PathBuf {
@@ -114,9 +128,40 @@ pub fn save(
     optim: Option<&HashMap<String, Tensor>>,
     meta: &Meta,
 ) -> Result<()> {
+    write_checkpoint(dir, model, optim, &[], meta)
+}
+
+/// Writes one rank's shard of the optimizer state of the checkpoint of `step` into `dir` (created
+/// if needed); returns its file name and size, which [`save_sharded`] records in the meta.
+pub fn save_optim_shard(
+    dir: &Path,
+    step: usize,
+    rank: usize,
+    optim: &HashMap<String, Tensor>,
+) -> Result<(String, u64)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
+    let path = optim_shard_path(dir, step, rank);
+    let size = save_tensors_atomic(&path, optim)?;
+    Ok((file_name(&path), size))
+}
+
+/// [`save`] for a run of several processes: the model, then the meta, which lists `shards`, every
+/// rank's optimizer file (name, size) as [`save_optim_shard`] wrote it. Call it once all are written.
+pub fn save_sharded(dir: &Path, model: &HashMap<String, Tensor>, shards: &[(String, u64)], meta: &Meta) -> Result<()> {
+    write_checkpoint(dir, model, None, shards, meta)
+}
+
+/// The model, the optimizer state when given, then the meta listing them and `shards`.
+fn write_checkpoint(
+    dir: &Path,
+    model: &HashMap<String, Tensor>,
+    optim: Option<&HashMap<String, Tensor>>,
+    shards: &[(String, u64)],
+    meta: &Meta,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
     let mut meta = meta.clone();
-    meta.files.clear();
+    meta.files = shards.iter().cloned().collect();
     let step = meta.step;
     let mut tensor_files = vec![(model_path(dir, step), model)];
     tensor_files.extend(optim.map(|o| (optim_path(dir, step), o)));
@@ -225,8 +270,30 @@ pub fn load(
     }
     let model = read_tensors(&model_path(dir, step), &meta, device)?;
     check_model_tensors(&model, &meta.model_config, &model_path(dir, step))?;
-    let optim = if with_optim { read_tensors(&optim_path(dir, step), &meta, device)? } else { HashMap::new() };
+    let optim = if with_optim { read_optim(dir, &meta, device)? } else { HashMap::new() };
     Ok(Checkpoint { meta, model, optim })
+}
+
+/// The optimizer state of a checkpoint: its optimizer file, or the union of its ranks' shards.
+fn read_optim(dir: &Path, meta: &Meta, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let prefix = optim_shard_prefix(meta.step);
+    let shards: Vec<&String> = meta.files.keys().filter(|name| name.starts_with(&prefix)).collect();
+    if shards.is_empty() {
+        return read_tensors(&optim_path(dir, meta.step), meta, device);
+    }
+    let mut state = HashMap::new();
+    for name in shards {
+        for (key, tensor) in read_tensors(&dir.join(name), meta, device)? {
+            if state.insert(key.clone(), tensor).is_some() {
+                bail!(
+                    "{key} is in two optimizer shards of step {} in {} (corrupt checkpoint)",
+                    meta.step,
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok(state)
 }
 
 /// Reads one tensor file, after checking it exists and has the size the meta recorded.

@@ -12,6 +12,7 @@ pub mod common;
 pub mod conversation;
 pub mod data;
 pub mod dist;
+pub mod dist_nccl;
 pub mod engine;
 pub mod eval;
 pub mod model;

@@ -1,20 +1,24 @@
-//! Data-parallel pretraining over MPI: `mpirun -n 2` on a tiny model gives the losses and the
-//! validation bpb of one process with the same global batch, the ranks read disjoint row groups,
-//! rank 0 alone writes the checkpoint and the metrics, and an MPI run resumes from its checkpoint
-//! (with the same number of processes only). Midtraining and SFT under `mpirun -n 2` give the
-//! losses, validation numbers and final weights of one process, and `chat eval` the same scores.
+//! Data-parallel pretraining over MPI: `mpirun -n 2` on a tiny model gives the losses, the
+//! validation bpb and the final weights of one process with the same global batch, the ranks read
+//! disjoint row groups, each rank keeps (and saves) the optimizer state of its own parameters only,
+//! together one process's, rank 0 alone writes the weights and the metrics, and an MPI run resumes
+//! from its checkpoint exactly (with the same number of processes only). Midtraining, SFT and RL
+//! under `mpirun -n 2` give the losses (rewards), validation numbers and final weights of one
+//! process, a single process resumes midtraining from a 2-rank checkpoint, and `chat eval` and
+//! `base eval` give one process's scores.
 //!
 //! The MPI tests need this crate built with `--features mpi` and `mpirun` on the PATH; without
 //! them it is skipped with a notice, unless, for a missing mpirun, NANOCHAT_REQUIRE_MPI=1 (as
 //! .ci/run sets once it has installed OpenMPI) makes that a failure. The single-process communicator and the rank-strided
 //! loader have their own tests (src/dist.rs; tests/data_loader.rs, `ranks_together_...`).
 
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use nanochat::checkpoint::{self, Meta};
 use nanochat::data::loader::LoaderState;
@@ -198,11 +202,47 @@ fn max_diff(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x.1 - y.1).abs()).fold(0.0, f64::max)
 }
 
+/// Copies the checkpoint of `step`: its meta and every file the meta lists.
 fn copy_checkpoint(from: &Path, to: &Path, step: usize) {
     std::fs::create_dir_all(to).unwrap();
-    for path in [checkpoint::model_path, checkpoint::optim_path, checkpoint::meta_path] {
-        std::fs::copy(path(from, step), path(to, step)).unwrap();
+    std::fs::copy(checkpoint::meta_path(from, step), checkpoint::meta_path(to, step)).unwrap();
+    for name in checkpoint::load_meta(from, step).unwrap().files.keys() {
+        std::fs::copy(from.join(name), to.join(name)).unwrap();
     }
+}
+
+/// The largest difference between two sets of the same named tensors (of any dtype).
+fn max_tensor_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f64 {
+    assert_eq!(a.keys().collect::<BTreeSet<_>>(), b.keys().collect::<BTreeSet<_>>());
+    let values = |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let mut diff = 0.0f64;
+    for (name, t) in a {
+        let (x, y) = (values(t), values(&b[name]));
+        assert_eq!(x.len(), y.len(), "{name}");
+        diff = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(diff, f64::max);
+    }
+    diff
+}
+
+/// The weights of the checkpoint of `step` in `dir`.
+fn weights(dir: &Path, step: usize) -> HashMap<String, Tensor> {
+    checkpoint::load(dir, step, &Device::Cpu, false, None).unwrap().model
+}
+
+/// The optimizer state of the checkpoint of `step` in `dir`, whether one file or per-rank shards.
+fn optimizer_state(dir: &Path, step: usize) -> HashMap<String, Tensor> {
+    checkpoint::load(dir, step, &Device::Cpu, true, None).unwrap().optim
+}
+
+/// The parameters an optimizer state holds something for (`adamw.<param>.exp_avg` -> `<param>`).
+fn params_of(state: &HashMap<String, Tensor>) -> BTreeSet<String> {
+    state
+        .keys()
+        .map(|k| {
+            let k = k.strip_prefix("adamw.").or_else(|| k.strip_prefix("muon.")).unwrap();
+            k.rsplit_once('.').unwrap().0.to_string()
+        })
+        .collect()
 }
 
 #[test]
@@ -232,6 +272,30 @@ fn two_mpi_ranks_train_like_one_process_with_the_same_global_batch() {
     assert!(bpb_diff < 1e-4, "validation bpb differs: {single_bpb:?} vs {mpi_bpb:?}");
     assert!(mpi_losses[3].1 < mpi_losses[0].1, "loss did not fall: {mpi_losses:?}");
 
+    let weight_diff = max_weight_diff(&checkpoints("single"), &checkpoints("mpi"), 4);
+    println!("max |final weight diff| {weight_diff:e}");
+    assert!(weight_diff < 1e-4, "final weights differ by {weight_diff}");
+
+    // The optimizer state is sharded: one file per rank (none for the whole), each rank's with the
+    // state of its own parameters only, the ranks' disjoint and together one process's state.
+    assert!(!checkpoint::optim_path(&checkpoints("mpi"), 4).exists());
+    let shards: Vec<HashMap<String, Tensor>> = (0..2)
+        .map(|r| {
+            candle_core::safetensors::load(checkpoint::optim_shard_path(&checkpoints("mpi"), 4, r), &Device::Cpu)
+                .unwrap()
+        })
+        .collect();
+    let (own0, own1) = (params_of(&shards[0]), params_of(&shards[1]));
+    println!("rank 0 owns {own0:?}, rank 1 owns {own1:?}");
+    assert!(!own0.is_empty() && !own1.is_empty(), "a rank owns nothing: {own0:?} / {own1:?}");
+    assert!(own0.is_disjoint(&own1), "both ranks hold state of {:?}", own0.intersection(&own1).collect::<Vec<_>>());
+    let single_state = optimizer_state(&checkpoints("single"), 4);
+    let merged = optimizer_state(&checkpoints("mpi"), 4);
+    assert_eq!(merged.len(), shards[0].len() + shards[1].len());
+    let state_diff = max_tensor_diff(&single_state, &merged);
+    println!("max |optimizer state diff| {state_diff:e}");
+    assert!(state_diff < 1e-4, "optimizer states differ by {state_diff}");
+
     // Rank 0 alone logged and saved: one metrics record per step, one save line per checkpoint.
     assert_eq!(mpi_losses.len(), 4);
     let saves: Vec<&str> = output.lines().filter(|l| l.contains("saved checkpoint")).collect();
@@ -256,6 +320,11 @@ fn two_mpi_ranks_train_like_one_process_with_the_same_global_batch() {
     let (resumed_losses, resumed_bpb) = metrics(&checkpoints("resumed"));
     assert!(max_diff(&resumed_losses, &mpi_losses[2..]) < 1e-6, "{resumed_losses:?} vs {mpi_losses:?}");
     assert!(max_diff(&resumed_bpb, &mpi_bpb[1..]) < 1e-6, "{resumed_bpb:?} vs {mpi_bpb:?}");
+    // The ranks got their own optimizer state back: the weights and the state end as they did.
+    let resumed_weights = max_weight_diff(&checkpoints("resumed"), &checkpoints("mpi"), 4);
+    let resumed_state = max_tensor_diff(&optimizer_state(&checkpoints("resumed"), 4), &merged);
+    println!("resumed: max |weight diff| {resumed_weights:e}, |optimizer state diff| {resumed_state:e}");
+    assert!(resumed_weights < 1e-6 && resumed_state < 1e-6, "{resumed_weights} / {resumed_state}");
 
     // A single process cannot take over two ranks' data positions.
     let alone = TrainArgs::try_parse_from(
@@ -343,19 +412,7 @@ fn setup_chat_stages(base: &Path) -> (String, String) {
 
 /// The largest difference between two checkpoints' weights, which must have the same tensors.
 fn max_weight_diff(a: &Path, b: &Path, step: usize) -> f64 {
-    let (ca, cb) = (
-        checkpoint::load(a, step, &Device::Cpu, false, None).unwrap(),
-        checkpoint::load(b, step, &Device::Cpu, false, None).unwrap(),
-    );
-    assert_eq!(ca.model.len(), cb.model.len());
-    let mut diff = 0.0f64;
-    for (name, t) in &ca.model {
-        let x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let y = cb.model[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(x.len(), y.len(), "{name}");
-        diff = x.iter().zip(&y).map(|(p, q)| f64::from((p - q).abs())).fold(diff, f64::max);
-    }
-    diff
+    max_tensor_diff(&weights(a, step), &weights(b, step))
 }
 
 /// A series of one quantity from a metrics log.
@@ -431,6 +488,16 @@ fn two_mpi_ranks_midtrain_like_one_process() {
     saved_by_rank_0_only(&output, 2);
     let meta: Meta = checkpoint::load_meta(&two, 3).unwrap();
     assert_eq!(meta.run_config["world_size"], 2);
+
+    // One process resumes from the 2 ranks' step-2 checkpoint (their optimizer shards together)
+    // and ends where it would have without the interruption.
+    let mut resume = strings(&["mid", "train"]);
+    resume.extend_from_slice(&args);
+    single(base, &[resume, strings(&["--dist", "none", "--resume-from-step", "2"])].concat());
+    let resumed_diff = max_weight_diff(&one, &two, 3);
+    println!("mid: one process resumed from the 2-rank checkpoint: |weight diff| {resumed_diff:e}");
+    assert!(resumed_diff < 1e-4, "the resumed weights differ by {resumed_diff}");
+    assert!(max_diff(&series(&two, "loss"), &loss_one) < 1e-4);
 }
 
 #[test]
@@ -493,22 +560,20 @@ fn two_mpi_ranks_finetune_like_one_process() {
     assert!(!out.status.success() && text.contains("does not split evenly"), "{text}");
 }
 
-#[test]
-fn chat_eval_under_two_mpi_ranks_scores_like_one_process() {
-    if !mpi_available() {
-        return;
-    }
-    // The fixture model (tests/chat_eval.rs) as SFT checkpoint d2.
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
-    let tmp = tempfile::tempdir().unwrap();
-    let base = tmp.path();
-    let ranks = shared.join("fixtures/tokenizer/mergeable_ranks.tiktoken");
+fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+}
+
+/// The fixture model (tests/chat_eval.rs) and its tokenizer as checkpoint `<stage_dir>/d2` of
+/// step 5 under $NANOCHAT_BASE_DIR `base`.
+fn fixture_checkpoint(base: &Path, stage_dir: &str) {
+    let ranks = shared().join("fixtures/tokenizer/mergeable_ranks.tiktoken");
     let text = std::fs::read_to_string(&ranks).unwrap();
     let tok =
         bpe::Tokenizer::from_tokens(bpe::format::parse_ranks(&text, &ranks).unwrap(), bpe::DEFAULT_PATTERN).unwrap();
     tok.save(&base.join("tokenizer")).unwrap();
     let params =
-        candle_core::safetensors::load(shared.join("fixtures/model/params.safetensors"), &Device::Cpu).unwrap();
+        candle_core::safetensors::load(shared().join("fixtures/model/params.safetensors"), &Device::Cpu).unwrap();
     let config = nanochat::model::GPTConfig {
         sequence_len: 64,
         vocab_size: 1024,
@@ -517,9 +582,19 @@ fn chat_eval_under_two_mpi_ranks_scores_like_one_process() {
         n_kv_head: 2,
         n_embd: 64,
     };
-    checkpoint::save(&base.join("chatsft_checkpoints/d2"), &params, None, &Meta::new(5, config, tok.fingerprint()))
+    checkpoint::save(&base.join(stage_dir).join("d2"), &params, None, &Meta::new(5, config, tok.fingerprint()))
         .unwrap();
-    let data = shared.join("data").to_string_lossy().into_owned();
+}
+
+#[test]
+fn chat_eval_under_two_mpi_ranks_scores_like_one_process() {
+    if !mpi_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    fixture_checkpoint(base, "chatsft_checkpoints");
+    let data = shared().join("data").to_string_lossy().into_owned();
     // 7 problems per task: an odd count, so the ranks' shares differ in size.
     let eval = |output: &Path, dist: &str| {
         let out = output.to_string_lossy().into_owned();
@@ -569,4 +644,158 @@ fn chat_eval_under_two_mpi_ranks_scores_like_one_process() {
     let printed: Vec<&str> = output.lines().filter(|l| l.contains("ChatCORE")).collect();
     assert_eq!(printed.len(), 1, "{output}");
     assert!(printed[0].contains(",0]<"), "{printed:?}");
+}
+
+#[test]
+fn base_eval_under_two_mpi_ranks_scores_like_one_process() {
+    if !mpi_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    fixture_checkpoint(base, "base_checkpoints");
+    let docs: Vec<String> =
+        (0..100).map(|i| format!("Document {i}: the cat sat on the mat, and {} dogs watched.", i % 7)).collect();
+    nanochat::data::dataset::write_shard(&base.join("data/shard_00000.parquet"), &docs).unwrap();
+    nanochat::data::dataset::write_shard(&base.join("data/shard_00001.parquet"), &docs).unwrap();
+    let (bundle, data) = (shared().join("data/eval/eval_bundle"), base.join("data"));
+    // 3 items per CORE task and 5 validation batches of 2 rows of 64 tokens: odd counts, so that
+    // the ranks' shares differ in size.
+    let eval = |dist: &str| {
+        let mut args = strings(&["base", "eval", "--eval", "core,bpb", "--max-per-task", "3", "--eval-tokens", "640"]);
+        args.extend(strings(&["--device-batch-size", "2", "--dist", dist]));
+        args.extend(["--bundle-dir".to_string(), bundle.to_string_lossy().into_owned()]);
+        args.extend(["--data-dir".to_string(), data.to_string_lossy().into_owned()]);
+        args
+    };
+    // The per-task accuracies and the report section's CORE and validation bpb of the last run.
+    let results = || -> (Vec<(String, f64)>, f64, f64) {
+        let read =
+            |path: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(base.join(path)).unwrap()).unwrap() };
+        let core = read("base_eval/base_d2_000005.json");
+        let tasks = core["tasks"].as_array().unwrap();
+        let accuracies =
+            tasks.iter().map(|t| (t["label"].as_str().unwrap().to_string(), t["accuracy"].as_f64().unwrap())).collect();
+        let section = read("report/base_eval.json");
+        (accuracies, section["metrics"]["core"].as_f64().unwrap(), section["metrics"]["val_bpb"].as_f64().unwrap())
+    };
+    single(base, &eval("none"));
+    let (tasks_one, core_one, bpb_one) = results();
+    let started = std::time::Instant::now();
+    let output = mpirun(base, &eval("mpi"));
+    println!("mpirun -n 2 base eval: {:.1}s", started.elapsed().as_secs_f64());
+    let (tasks_two, core_two, bpb_two) = results();
+    println!("base eval: CORE {core_one} vs {core_two}, validation bpb {bpb_one} vs {bpb_two}");
+    assert_eq!(tasks_one.len(), 22);
+    assert_eq!(tasks_one, tasks_two);
+    assert!(tasks_one.iter().any(|(_, a)| *a > 0.0), "no task got any item right: {tasks_one:?}");
+    assert_eq!(core_one, core_two);
+    assert!((bpb_one - bpb_two).abs() < 1e-9, "validation bpb {bpb_one} vs {bpb_two}");
+    // Rank 0 alone prints the results (and the per-task lines), once.
+    for what in ["; per task in", ": validation bpb"] {
+        let printed: Vec<&str> = output.lines().filter(|l| l.contains(what)).collect();
+        assert_eq!(printed.len(), 1, "{what}: {output}");
+        assert!(printed[0].contains(",0]<"), "{printed:?}");
+    }
+    assert!(!output.lines().any(|l| l.contains(",1]<") && l.contains("accuracy")), "{output}");
+}
+
+/// `base` as $NANOCHAT_BASE_DIR for RL: a base checkpoint `d1` that has learnt to write `#### 1`
+/// and `#### 2` at random (so that its GSM8K rewards vary between samples and the policy gradient
+/// is not zero) and GSM8K files whose answers are 1 or 2. Returns the task data directory.
+fn setup_rl(base: &Path) -> String {
+    let mut x = 7u64;
+    let mut digit = move || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ["1", "2"][((x >> 33) & 1) as usize]
+    };
+    let docs: Vec<String> =
+        (0..60).map(|_| (0..30).map(|_| format!("#### {}", digit())).collect::<Vec<_>>().join(" ")).collect();
+    let tok = bpe::Tokenizer::train(docs.iter(), 300, bpe::DEFAULT_PATTERN).unwrap();
+    tok.save(&base.join("tokenizer")).unwrap();
+    let shards = base.join("base_data");
+    nanochat::data::dataset::write_shard(&shards.join("shard_00000.parquet"), &docs[..50]).unwrap();
+    nanochat::data::dataset::write_shard(&shards.join("shard_00001.parquet"), &docs[50..]).unwrap();
+    let args = TrainArgs::try_parse_from(["train".to_string()].into_iter().chain(argv(
+        base,
+        &["--dist", "none", "--num-iterations", "30", "--eval-every", "0", "--save-every", "0", "--model-tag", "d1"],
+    )))
+    .unwrap();
+    train(&args, &tok, &base.join("base_checkpoints/d1")).unwrap();
+    let gsm8k = base.join("task_data/eval/gsm8k");
+    std::fs::create_dir_all(&gsm8k).unwrap();
+    for (split, count) in [("train", 16), ("test", 8)] {
+        let rows: String = (0..count)
+            .map(|i| {
+                serde_json::json!({ "question": "the cat", "answer": format!("It is.\n#### {}", 1 + i % 2) })
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        std::fs::write(gsm8k.join(format!("{split}.jsonl")), rows).unwrap();
+    }
+    base.join("task_data").to_string_lossy().into_owned()
+}
+
+#[test]
+fn two_mpi_ranks_do_rl_like_one_process() {
+    if !mpi_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let data = setup_rl(base);
+    // 3 steps of 4 problems (2 per rank under MPI) × 4 samples; pass@1,2 on 3 test problems (an
+    // odd count: the ranks' shares differ) at steps 0, 2 and 3.
+    let args = strings(&[
+        "--source",
+        "base",
+        "--examples-per-step",
+        "4",
+        "--num-samples",
+        "4",
+        "--device-batch-size",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--max-iterations",
+        "3",
+        "--eval-every",
+        "2",
+        "--eval-examples",
+        "3",
+        "--save-every",
+        "0",
+        "--init-lr-frac",
+        "1.0",
+        "--data-dir",
+        &data,
+    ]);
+    let (one, two, output) = single_then_mpi(base, "rl", "chatrl_checkpoints", &args);
+    let (reward_one, reward_two) = (series(&one, "reward"), series(&two, "reward"));
+    let (loss_one, loss_two) = (series(&one, "pg_loss"), series(&two, "pg_loss"));
+    let pass_at_k = |dir: &Path| -> Vec<Value> {
+        let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter_map(|r| r.get("pass_at_k").cloned())
+            .collect()
+    };
+    let weight_diff = max_weight_diff(&one, &two, 3);
+    let moved = max_tensor_diff(&weights(&one, 3), &weights(&base.join("base_checkpoints/d1"), 30));
+    println!(
+        "rl: rewards {reward_one:?} vs {reward_two:?}, losses {loss_one:?} vs {loss_two:?}, |weight diff| \
+         {weight_diff:e} (the weights moved by up to {moved:e})"
+    );
+    assert_eq!(reward_two.len(), 3, "rank 0 alone logs, once per step: {reward_two:?}");
+    assert_eq!(reward_one, reward_two, "the ranks sampled other rollouts than one process");
+    // Rewards that vary between samples, so that the policy gradient is not zero.
+    assert!(reward_one.iter().all(|(_, r)| *r > 0.0 && *r < 1.0), "{reward_one:?}");
+    assert!(max_diff(&loss_one, &loss_two) < 1e-4, "losses differ: {loss_one:?} vs {loss_two:?}");
+    assert!(loss_one.iter().any(|(_, l)| *l != 0.0), "{loss_one:?}");
+    assert_eq!(pass_at_k(&one).len(), 3);
+    assert_eq!(pass_at_k(&one), pass_at_k(&two));
+    assert!(moved > 1e-3, "RL did not change the weights (by {moved})");
+    assert!(weight_diff < 1e-4, "final weights differ by {weight_diff}");
+    saved_by_rank_0_only(&output, 1);
 }

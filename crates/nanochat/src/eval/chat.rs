@@ -465,7 +465,8 @@ pub struct ChatEvalArgs {
     /// JSON-lines file, special tokens spelled out: to see how the model answers and uses the tool.
     #[arg(long)]
     pub samples: Option<PathBuf>,
-    /// Split the problems across processes: auto (MPI when started by mpirun), mpi, or none.
+    /// Split the problems across processes: auto (MPI under mpirun, NCCL under a torchrun-style
+    /// launch), mpi, nccl (GPUs, the `nccl` feature), or none.
     #[arg(long, value_enum, default_value_t = DistMode::Auto)]
     pub dist: DistMode,
 }

@@ -22,6 +22,9 @@
 //!   as Python's `min` + `index`: the first option wins unless a later one is strictly lower);
 //!   language modeling is correct iff the greedy argmax reproduces every continuation token
 //! - centered accuracy `(acc - b) / (1 - b)` with `b` the random baseline; CORE = mean over tasks
+//! - data-parallel (`mpirun -n W nanochat base eval`), as the original under torchrun: rank r
+//!   judges items r, r + W, ... of each (cut) task, and the counts of correct items are added
+//!   across ranks; an item is judged alone, so the results are one process's
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -32,6 +35,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use super::bundle::{Bundle, Item, TaskSpec, TaskType};
+use crate::dist::{rank_stride, Communicator, SingleProcess};
 use crate::model::decode::{DecodeCache, DecodeModel};
 use crate::model::GPT;
 
@@ -390,20 +394,20 @@ impl CoreResults {
     }
 }
 
-/// Accuracy of `model` on `items` (already shuffled and cut) of `task`; `tick` after each item.
-pub fn evaluate_task(
+/// How many of the items at `indices` of `items` (the whole cut task, where the few-shot examples
+/// come from) `model` gets right; `tick` after each item.
+fn count_correct(
     model: &impl LanguageModel,
     tokenizer: &bpe::Tokenizer,
     task: &TaskSpec,
     items: &[Item],
+    indices: impl IntoIterator<Item = usize>,
     mut tick: impl FnMut(),
-) -> Result<f64> {
-    if items.is_empty() {
-        bail!("task {} has no items", task.label);
-    }
+) -> Result<usize> {
     let max_len = model.max_seq_len();
     let mut correct = 0usize;
-    for (idx, item) in items.iter().enumerate() {
+    for idx in indices {
+        let item = items.get(idx).with_context(|| format!("task {} has no item {idx}", task.label))?;
         let shots: Vec<&Item> =
             fewshot_indices(idx, items.len(), task.num_fewshot).into_iter().map(|i| &items[i]).collect();
         let judged = (|| {
@@ -416,12 +420,25 @@ pub fn evaluate_task(
         correct += usize::from(judged);
         tick();
     }
-    Ok(correct as f64 / items.len() as f64)
+    Ok(correct)
 }
 
 /// Evaluates the tasks of `bundle` (all of `core.yaml`, or whatever the caller kept in
 /// `bundle.tasks`), at most `max_per_task` items each, with a progress bar and a line per task.
 pub fn evaluate_bundle(
+    model: &impl LanguageModel,
+    tokenizer: &bpe::Tokenizer,
+    bundle: &Bundle,
+    max_per_task: Option<usize>,
+) -> Result<CoreResults> {
+    evaluate_bundle_on(&SingleProcess, model, tokenizer, bundle, max_per_task)
+}
+
+/// [`evaluate_bundle`] as one rank of `comm`: this rank judges its stride of each task's items
+/// and the counts are added across ranks, so every rank returns one process's results; rank 0
+/// alone shows progress and prints.
+pub fn evaluate_bundle_on(
+    comm: &dyn Communicator,
     model: &impl LanguageModel,
     tokenizer: &bpe::Tokenizer,
     bundle: &Bundle,
@@ -439,19 +456,32 @@ pub fn evaluate_bundle(
         let mut all = bundle.load_items(task)?.into_iter().map(Some).collect::<Vec<_>>();
         let mut items: Vec<Item> = shuffled_order(all.len()).into_iter().filter_map(|i| all[i].take()).collect();
         items.truncate(max_per_task.unwrap_or(usize::MAX));
-        let pb = crate::common::progress_bar(items.len() as u64, &task.label);
-        let accuracy = evaluate_task(model, tokenizer, task, &items, || pb.inc(1))?;
+        if items.is_empty() {
+            bail!("task {} has no items", task.label);
+        }
+        let mine: Vec<usize> = rank_stride(comm, 0, items.len()).collect();
+        let pb = if comm.is_root() {
+            crate::common::progress_bar(mine.len() as u64, &task.label)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let correct = count_correct(model, tokenizer, task, &items, mine, || pb.inc(1))?;
         pb.finish_and_clear();
+        let mut total = [correct as f64];
+        comm.all_reduce_sum_f64(&mut total)?;
+        let accuracy = total[0] / items.len() as f64;
         let random_baseline = bundle.baseline(&task.label)?;
         let centered = centered_accuracy(accuracy, random_baseline);
         let seconds = started.elapsed().as_secs_f64();
-        eprintln!(
-            "{:<35} {:>2}-shot {:<17} accuracy {accuracy:.4} | centered {centered:.4} | {} items in {seconds:.1}s",
-            task.label,
-            task.num_fewshot,
-            format!("{:?}", task.task_type),
-            items.len()
-        );
+        if comm.is_root() {
+            eprintln!(
+                "{:<35} {:>2}-shot {:<17} accuracy {accuracy:.4} | centered {centered:.4} | {} items in {seconds:.1}s",
+                task.label,
+                task.num_fewshot,
+                format!("{:?}", task.task_type),
+                items.len()
+            );
+        }
         tasks.push(TaskResult {
             label: task.label.clone(),
             task_type: task.task_type,
@@ -464,12 +494,26 @@ pub fn evaluate_bundle(
         });
     }
     let core = tasks.iter().map(|t| t.centered).sum::<f64>() / tasks.len() as f64;
-    eprintln!("{:<35} {core:.4}", "CORE");
+    if comm.is_root() {
+        eprintln!("{:<35} {core:.4}", "CORE");
+    }
     Ok(CoreResults { tasks, core })
 }
 
 /// The CORE metric of `model` over the bundle in `bundle_dir` (the entry point of `base eval`).
 pub fn evaluate_core(
+    model: &GPT,
+    tokenizer: &bpe::Tokenizer,
+    bundle_dir: &Path,
+    max_per_task: Option<usize>,
+) -> Result<CoreResults> {
+    evaluate_core_on(&SingleProcess, model, tokenizer, bundle_dir, max_per_task)
+}
+
+/// [`evaluate_core`] as one rank of `comm` (see [`evaluate_bundle_on`]). A missing bundle is
+/// downloaded once, by rank 0, before the others read it.
+pub fn evaluate_core_on(
+    comm: &dyn Communicator,
     model: &GPT,
     tokenizer: &bpe::Tokenizer,
     bundle_dir: &Path,
@@ -482,11 +526,16 @@ pub fn evaluate_core(
             tokenizer.vocab_size()
         );
     }
-    let bundle = Bundle::load_or_download(bundle_dir)?;
+    let root_bundle = if comm.is_root() { Some(Bundle::load_or_download(bundle_dir)?) } else { None };
+    comm.barrier()?;
+    let bundle = match root_bundle {
+        Some(bundle) => bundle,
+        None => Bundle::load(bundle_dir)?,
+    };
     if model.rotary().0.device().is_cpu() {
         let native = NativeScorer::new(DecodeModel::from_gpt(model)?);
-        evaluate_bundle(&native, tokenizer, &bundle, max_per_task)
+        evaluate_bundle_on(comm, &native, tokenizer, &bundle, max_per_task)
     } else {
-        evaluate_bundle(model, tokenizer, &bundle, max_per_task)
+        evaluate_bundle_on(comm, model, tokenizer, &bundle, max_per_task)
     }
 }

@@ -88,6 +88,11 @@ impl AdamW {
         Ok(())
     }
 
+    /// Keeps the state of the parameters named `keep` only (sharded state: this rank's).
+    pub fn retain_state(&mut self, keep: impl Fn(&str) -> bool) {
+        self.state.retain(|name, _| keep(name));
+    }
+
     /// The optimizer state as named tensors (`{param}.exp_avg`, `{param}.exp_avg_sq`, and
     /// `{param}.step` as an i64 scalar), for checkpoints.
     pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {

@@ -1,12 +1,14 @@
 //! The optimizers of v0 `base_train`: Muon for the 2-D matrices of the transformer blocks, AdamW
 //! for the embedding and the lm_head, the learning-rate and momentum schedules, and gradient
-//! clipping by global norm. They update candle `Var`s in place from a `GradStore`.
+//! clipping by global norm. They update candle `Var`s in place from a `GradStore`. Across several
+//! ranks their state is sharded (ZeRO-2, [`Optimizers::shard`]): each rank keeps and updates its
+//! own parameters only.
 
 pub mod adamw;
 pub mod muon;
 pub mod schedule;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
@@ -16,6 +18,7 @@ pub use adamw::AdamW;
 pub use muon::Muon;
 pub use schedule::{muon_momentum, LrSchedule};
 
+use crate::dist::{Communicator, Shards, SingleProcess};
 use crate::model::{named_vars, GPTConfig};
 
 /// Named parameters sharing a learning rate. `initial_lr` is what the schedule multiplies.
@@ -55,6 +58,8 @@ impl Default for OptimConfig {
 pub struct Optimizers {
     pub adamw: AdamW,
     pub muon: Muon,
+    /// Which rank owns each of [`Optimizers::vars`] when the state is sharded across ranks.
+    shards: Option<Shards>,
 }
 
 /// v0 `setup_optimizers`: AdamW (betas (0.8, 0.95), eps 1e-10) with one group for the lm_head
@@ -76,13 +81,46 @@ pub fn setup_optimizers(config: &GPTConfig, varmap: &VarMap, hp: &OptimConfig) -
     Ok(Optimizers {
         adamw: AdamW::new(adam_groups, (0.8, 0.95), 1e-10, hp.weight_decay),
         muon: Muon::new(ParamGroup::new(matrices, hp.matrix_lr)),
+        shards: None,
     })
 }
 
 impl Optimizers {
+    /// Updates every parameter that has a gradient in `grads` (with sharded state: give it this
+    /// rank's own gradients only, so that it updates its own parameters).
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.adamw.step(grads)?;
         self.muon.step(grads)
+    }
+
+    /// Shards the state across `world_size` ranks (ZeRO-2, as the original's DistMuon and
+    /// DistAdamW): each of [`Optimizers::vars`] gets one owner, balanced by size and the same on
+    /// every rank ([`Shards::balanced`]), and this rank, `rank`, keeps the state of its own
+    /// parameters only, now and after [`Optimizers::load_state_dict`]. A single rank keeps all.
+    pub fn shard(&mut self, rank: usize, world_size: usize) {
+        self.shards = (world_size > 1).then(|| {
+            let sizes: Vec<usize> = self.vars().map(|v| v.elem_count()).collect();
+            Shards::balanced(&sizes, rank, world_size)
+        });
+        self.drop_others_state();
+    }
+
+    /// The ownership of [`Optimizers::vars`], when sharded.
+    pub fn shards(&self) -> Option<&Shards> {
+        self.shards.as_ref()
+    }
+
+    /// Drops the state of the parameters another rank owns.
+    fn drop_others_state(&mut self) {
+        let Some(shards) = &self.shards else { return };
+        let own: HashSet<String> = self
+            .named_params()
+            .enumerate()
+            .filter(|(i, _)| shards.owns(*i))
+            .map(|(_, (name, _))| name.clone())
+            .collect();
+        self.adamw.retain_state(|name| own.contains(name));
+        self.muon.retain_state(|name| own.contains(name));
     }
 
     /// Sets every group's learning rate to its initial one times `multiplier` (the schedule).
@@ -97,23 +135,32 @@ impl Optimizers {
 
     /// Every parameter of both optimizers.
     pub fn vars(&self) -> impl Iterator<Item = &Var> {
-        let adam = self.adamw.groups.iter().flat_map(|g| g.params.iter());
-        adam.chain(self.muon.group.params.iter()).map(|(_, v)| v)
+        self.named_params().map(|(_, v)| v)
     }
 
-    /// Both optimizers' state, keys prefixed `adamw.` and `muon.`.
+    fn named_params(&self) -> impl Iterator<Item = &(String, Var)> {
+        let adam = self.adamw.groups.iter().flat_map(|g| g.params.iter());
+        adam.chain(self.muon.group.params.iter())
+    }
+
+    /// Both optimizers' state, keys prefixed `adamw.` and `muon.` (with sharded state, this
+    /// rank's parameters only).
     pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
         let adam = self.adamw.state_dict()?.into_iter().map(|(k, v)| (format!("adamw.{k}"), v));
         let muon = self.muon.state_dict().into_iter().map(|(k, v)| (format!("muon.{k}"), v));
         Ok(adam.chain(muon).collect())
     }
 
+    /// Restores the state of [`Optimizers::state_dict`] (of one process, or of every rank's
+    /// together); with sharded state, this rank keeps its own parameters' only.
     pub fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let strip = |prefix: &str| -> HashMap<String, Tensor> {
             state.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone()))).collect()
         };
         self.adamw.load_state_dict(&strip("adamw."))?;
-        self.muon.load_state_dict(&strip("muon."))
+        self.muon.load_state_dict(&strip("muon."))?;
+        self.drop_others_state();
+        Ok(())
     }
 }
 
@@ -124,14 +171,27 @@ pub fn clip_grad_norm<'a>(
     grads: &mut GradStore,
     max_norm: f64,
 ) -> Result<f64> {
+    clip_grad_norm_on(&SingleProcess, vars, grads, max_norm)
+}
+
+/// [`clip_grad_norm`] when each rank of `comm` holds its own part of the gradients (sharded
+/// state: its own parameters'): the squared norms are added across the ranks, so that every rank
+/// clips by the global norm, with the same coefficient.
+pub fn clip_grad_norm_on<'a>(
+    comm: &dyn Communicator,
+    vars: impl IntoIterator<Item = &'a Var>,
+    grads: &mut GradStore,
+    max_norm: f64,
+) -> Result<f64> {
     let vars: Vec<&Var> = vars.into_iter().collect();
-    let mut sum_sq = 0.0f64;
+    let mut sum_sq = [0.0f64];
     for var in &vars {
         if let Some(g) = grads.get(var) {
-            sum_sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            sum_sq[0] += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         }
     }
-    let total_norm = sum_sq.sqrt();
+    comm.all_reduce_sum_f64(&mut sum_sq).map_err(candle_core::Error::wrap)?;
+    let total_norm = sum_sq[0].sqrt();
     let coef = max_norm / (total_norm + 1e-6);
     if coef < 1.0 {
         for var in &vars {

@@ -94,6 +94,11 @@ impl Muon {
         Ok(())
     }
 
+    /// Keeps the momentum buffers of the parameters named `keep` only (sharded state: this rank's).
+    pub fn retain_state(&mut self, keep: impl Fn(&str) -> bool) {
+        self.state.retain(|name, _| keep(name));
+    }
+
     /// The optimizer state as named tensors (`{param}.momentum_buffer`), for checkpoints.
     pub fn state_dict(&self) -> HashMap<String, Tensor> {
         self.state.iter().map(|(name, buf)| (format!("{name}.momentum_buffer"), buf.clone())).collect()

@@ -19,30 +19,35 @@
 //!
 //! Data-parallel (`mpirun -n W nanochat base train ...`, docs/DISTRIBUTED.md): every rank reads
 //! its own stride of the row groups and runs `total / (device batch × seq len × W)` micro-batches,
-//! the gradients are averaged across ranks before clipping, so a step is the same as one process's
+//! each gradient is averaged across ranks onto the one rank that owns its parameter, which alone
+//! keeps that parameter's optimizer state and updates it (ZeRO-2; clipping sees the global norm),
+//! and the updated parameters are gathered by every rank, so a step is the same as one process's
 //! with the same global batch; validation is split across ranks and added up; rank 0 alone logs,
-//! shows progress and writes checkpoints, metrics and the report. A checkpoint keeps rank 0's
-//! loader state in `loader_state` (as a single process does) and, for W > 1, every rank's in
-//! `run_config.loader_states` (indexed by rank), so a run resumes with the same W only.
+//! shows progress and writes the weights, metrics and the report, each rank its own shard of the
+//! optimizer state. A checkpoint keeps rank 0's loader state in `loader_state` (as a single
+//! process does) and, for W > 1, every rank's in `run_config.loader_states` (indexed by rank), so
+//! a run resumes with the same W only. `base eval` splits CORE's items and the validation batches
+//! across the ranks and gives one process's results.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Var};
+use candle_core::Device;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    append_jsonl, batch_tensors, drop_metrics_from, log, optimizer_step_on, sample_completions, validation_bpb, LossEma,
+    append_jsonl, batch_tensors, drop_metrics_from, log, optimizer_step_on, sample_completions, save_checkpoint_on,
+    setup_optimizers_on, validation_bpb, validation_bpb_split, LossEma,
 };
 use crate::checkpoint::{self, LoopState, Meta};
 use crate::data::dataset::{self, Split};
 use crate::data::loader::{Loader, LoaderConfig, LoaderState, Packing};
-use crate::dist::{self, broadcast_vars, Communicator, DistMode, SingleProcess};
+use crate::dist::{self, or_abort, Communicator, DistMode, SingleProcess};
 use crate::model::{GPTConfig, GPT};
-use crate::optim::{muon_momentum, setup_optimizers, LrSchedule, OptimConfig};
+use crate::optim::{muon_momentum, LrSchedule, OptimConfig};
 
 #[derive(Subcommand)]
 pub enum BaseCommand {
@@ -90,6 +95,10 @@ pub struct EvalArgs {
     /// The CORE eval bundle (core.yaml, eval_meta_data.csv, eval_data/) [default: $NANOCHAT_BASE_DIR/eval_bundle].
     #[arg(long)]
     pub bundle_dir: Option<PathBuf>,
+    /// Data-parallel across processes: auto (MPI under mpirun, NCCL under a torchrun-style launch), mpi,
+    /// nccl (GPUs, the `nccl` feature), or none.
+    #[arg(long, value_enum, default_value_t = DistMode::Auto)]
+    pub dist: DistMode,
 }
 
 /// Options of `nanochat base train` (defaults: the original's d20 run).
@@ -174,7 +183,8 @@ pub struct TrainArgs {
     /// How documents are packed into rows (v0: stream).
     #[arg(long, value_enum, default_value_t = Packing::Stream)]
     pub packing: Packing,
-    /// Data-parallel across processes: auto (MPI when started by mpirun), mpi, or none.
+    /// Data-parallel across processes: auto (MPI under mpirun, NCCL under a torchrun-style launch), mpi,
+    /// nccl (GPUs, the `nccl` feature), or none.
     #[arg(long, value_enum, default_value_t = DistMode::Auto)]
     pub dist: DistMode,
     /// Run the lm_head's matmuls in bf16 (f32 accumulation, f32 weights and optimizer state) on
@@ -288,7 +298,11 @@ pub fn run(cmd: BaseCommand) -> Result<()> {
             );
             Ok(())
         }
-        BaseCommand::Eval(args) => run_eval(&args),
+        BaseCommand::Eval(args) => {
+            let comm = dist::init(args.dist)?;
+            let result = run_eval(&args, comm.as_ref());
+            or_abort(comm.as_ref(), result)
+        }
     }
 }
 
@@ -312,26 +326,29 @@ fn write_train_section(args: &TrainArgs, tokenizer: &bpe::Tokenizer, report: &Tr
     Ok(())
 }
 
-/// `nanochat base eval`: loads the checkpoint once, runs the evaluations asked for, saves the CORE
-/// results as `$NANOCHAT_BASE_DIR/base_eval/base_<tag>_<step>.{csv,json}` (the original's layout)
-/// and writes the report section.
-fn run_eval(args: &EvalArgs) -> Result<()> {
+/// `nanochat base eval` as one rank of `comm`: loads the checkpoint once, runs the evaluations
+/// asked for, saves the CORE results as `$NANOCHAT_BASE_DIR/base_eval/base_<tag>_<step>.{csv,json}`
+/// (the original's layout) and writes the report section. With several ranks, CORE's items and
+/// the validation batches are split across them and the counts and totals added, which gives one
+/// process's results; rank 0 alone samples, prints and writes.
+fn run_eval(args: &EvalArgs, comm: &dyn Communicator) -> Result<()> {
     let started = Instant::now();
+    let root = comm.is_root();
     let tokenizer = crate::tokenizer::load()?;
     let base = crate::common::base_dir();
-    let root = base.join("base_checkpoints");
+    let checkpoints = base.join("base_checkpoints");
     let tag = match &args.model_tag {
         Some(tag) => tag.clone(),
-        None => crate::chat_cli::default_model_tag(&root)?,
+        None => crate::chat_cli::default_model_tag(&checkpoints)?,
     };
-    let dir = root.join(&tag);
+    let dir = checkpoints.join(&tag);
     let step = match args.step {
         Some(step) => step,
         None => checkpoint::latest_step(&dir)?.with_context(|| {
             format!("no checkpoint in {}: train one with `nanochat base train` first", dir.display())
         })?,
     };
-    let device = Device::cuda_if_available(0)?;
+    let device = Device::cuda_if_available(dist::local_rank())?;
     let ckpt = checkpoint::load(&dir, step, &device, false, Some(&tokenizer.fingerprint()))?;
     let (model, _) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
     let mut markdown = format!("- model: {tag} step {step}\n");
@@ -339,19 +356,26 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
 
     if args.eval.contains(&EvalKind::Core) {
         let bundle_dir = args.bundle_dir.clone().unwrap_or_else(crate::eval::bundle::Bundle::default_dir);
-        let results = crate::eval::core::evaluate_core(&model, &tokenizer, &bundle_dir, args.max_per_task)?;
-        let (csv, _) = results.save(&base.join("base_eval"), &format!("base_{tag}_{step:06}"))?;
-        println!("CORE {:.4}; per task in {}", results.core, csv.display());
+        let results = crate::eval::core::evaluate_core_on(comm, &model, &tokenizer, &bundle_dir, args.max_per_task)?;
+        if root {
+            let (csv, _) = results.save(&base.join("base_eval"), &format!("base_{tag}_{step:06}"))?;
+            println!("CORE {:.4}; per task in {}", results.core, csv.display());
+        }
         markdown.push_str(&format!("- CORE: {:.4}\n\n```\n{}```\n", results.core, results.to_csv()));
         metrics["core"] = json!(results.core);
     }
     if args.eval.contains(&EvalKind::Bpb) {
         let data_dir = args.data_dir.clone().unwrap_or_else(dataset::data_dir);
         let loader = LoaderConfig::new(data_dir, Split::Val, args.device_batch_size, model.config().sequence_len);
-        let bpb = validation_bpb(&model, &tokenizer, &loader, args.eval_tokens, &SingleProcess)?;
-        println!("{} step {step}: validation bpb {bpb:.4}", dir.display());
+        let bpb = validation_bpb_split(&model, &tokenizer, &loader, args.eval_tokens, comm)?;
+        if root {
+            println!("{} step {step}: validation bpb {bpb:.4}", dir.display());
+        }
         markdown.push_str(&format!("- validation bpb: {bpb:.4}\n"));
         metrics["val_bpb"] = json!(bpb);
+    }
+    if !root {
+        return Ok(());
     }
     if args.eval.contains(&EvalKind::Sample) {
         let samples = sample_completions(&model, &tokenizer)?;
@@ -360,6 +384,7 @@ fn run_eval(args: &EvalArgs) -> Result<()> {
         samples.iter().for_each(|s| markdown.push_str(&format!("- {}\n", s.replace('\n', " "))));
     }
     metrics["seconds"] = json!(started.elapsed().as_secs_f64());
+    metrics["world_size"] = json!(comm.world_size());
     crate::report::write_section("base_eval", &markdown, metrics)?;
     Ok(())
 }
@@ -426,12 +451,11 @@ pub fn train_on(
         "args": args, "num_iterations": num_iterations, "grad_accum_steps": accum_steps, "world_size": world,
     });
 
-    // The model, its optimizers and the loop state: fresh, or as the checkpoint left them.
-    let (model, varmap, mut optimizers, start_step, mut loop_state, mut loader_state) = match args.resume_from_step {
+    // The model, the optimizer state and the loop state: fresh, or as the checkpoint left them.
+    let (model, varmap, optim_state, start_step, mut loop_state, mut loader_state) = match args.resume_from_step {
         None => {
             let (model, varmap) = GPT::init(&model_config, args.seed, &device)?;
-            let optimizers = setup_optimizers(&model_config, &varmap, &optim_config)?;
-            (model, varmap, optimizers, 0, LoopState::default(), None)
+            (model, varmap, None, 0, LoopState::default(), None)
         }
         Some(step) => {
             let ckpt = checkpoint::load(out_dir, step, &device, true, Some(&fingerprint))?;
@@ -447,16 +471,14 @@ pub fn train_on(
             }
             let loader_state = rank_loader_state(&ckpt.meta, comm)?;
             let (model, varmap) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
-            let mut optimizers = setup_optimizers(&model_config, &varmap, &optim_config)?;
-            optimizers.load_state_dict(&ckpt.optim).context("restoring the optimizer state")?;
-            (model, varmap, optimizers, step, ckpt.meta.loop_state, loader_state)
+            (model, varmap, Some(ckpt.optim), step, ckpt.meta.loop_state, loader_state)
         }
     };
     if start_step > num_iterations {
         bail!("cannot resume from step {start_step}: the run is only {num_iterations} steps long");
     }
-    let vars: Vec<Var> = optimizers.vars().cloned().collect();
-    broadcast_vars(comm, &vars)?;
+    // Sharded across the ranks: each keeps (and updates) its own parameters' state.
+    let (mut optimizers, vars) = setup_optimizers_on(comm, &model_config, &varmap, &optim_config, optim_state)?;
     let metrics_path = out_dir.join("metrics.jsonl");
     if root {
         drop_metrics_from(&metrics_path, start_step)?;
@@ -512,25 +534,20 @@ pub fn train_on(
         }
         let periodic_save = args.save_every > 0 && step % args.save_every == 0 && step != start_step;
         if last_step || periodic_save {
-            // Every rank's loader state goes to rank 0, which alone writes.
+            // Every rank's loader state goes to rank 0, which alone writes the meta.
             let mine = serde_json::to_vec(&loader_state)?;
             let states = comm.all_gather_bytes(&mine)?;
-            if root {
-                let mut meta = Meta::new(step, model_config.clone(), fingerprint.clone());
-                meta.loop_state = LoopState { smooth_train_loss: ema.value, ..loop_state.clone() };
-                meta.loader_state = loader_state.clone();
-                meta.run_config = run_config.clone();
-                if world > 1 {
-                    let states: Vec<Option<LoaderState>> =
-                        states.iter().map(|s| serde_json::from_slice(s)).collect::<Result<_, _>>()?;
-                    meta.run_config["loader_states"] = json!(states);
-                }
-                let optim_state = optimizers.state_dict()?;
-                checkpoint::save(out_dir, &checkpoint::varmap_tensors(&varmap)?, Some(&optim_state), &meta)?;
-                say(format!("step {step:05} | saved checkpoint in {}", out_dir.display()));
+            let mut meta = Meta::new(step, model_config.clone(), fingerprint.clone());
+            meta.loop_state = LoopState { smooth_train_loss: ema.value, ..loop_state.clone() };
+            meta.loader_state = loader_state.clone();
+            meta.run_config = run_config.clone();
+            if world > 1 {
+                let states: Vec<Option<LoaderState>> =
+                    states.iter().map(|s| serde_json::from_slice(s)).collect::<Result<_, _>>()?;
+                meta.run_config["loader_states"] = json!(states);
             }
-            // No rank runs on (or reports success) before the checkpoint is complete.
-            comm.barrier()?;
+            save_checkpoint_on(comm, out_dir, &varmap, &optimizers, &meta)?;
+            say(format!("step {step:05} | saved checkpoint in {}", out_dir.display()));
         }
         if last_step {
             break;

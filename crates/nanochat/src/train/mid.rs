@@ -29,13 +29,15 @@
 //! Validation batches are split the same way and their totals added. Rank 0 alone logs and writes
 //! checkpoints, metrics and the report; an error on any rank ends every rank. As the data position
 //! is the step itself, a checkpoint resumes under any number of processes that divides the step.
+//! The optimizer state is sharded across the ranks, each writing its own shard in a checkpoint;
+//! a resume reads them all, so that too works under another number of processes.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::json;
@@ -43,12 +45,12 @@ use serde_json::json;
 use super::base::TrainReport;
 use super::{
     accum_steps_per_rank, append_jsonl, drop_metrics_from, evaluate_bpb_on, log_on, optimizer_step_on,
-    rank_progress_bar, render_task, ChatStageArgs, LossEma,
+    rank_progress_bar, render_task, save_checkpoint_on, setup_optimizers_on, ChatStageArgs, LossEma,
 };
 use crate::chat_cli::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
-use crate::dist::{self, broadcast_vars, or_abort, rank_stride, Communicator, SingleProcess};
-use crate::optim::{muon_momentum, setup_optimizers, LrSchedule};
+use crate::dist::{self, or_abort, rank_stride, Communicator, SingleProcess};
+use crate::optim::{muon_momentum, LrSchedule};
 use crate::tasks::arc::{ArcSubset, ArcTask};
 use crate::tasks::chat::ChatData;
 use crate::tasks::gsm8k::Gsm8k;
@@ -286,11 +288,10 @@ pub fn train_on(
         "stream_tokens": stream.len(), "base_step": base.meta.step, "world_size": world,
     });
 
-    let (model, varmap, mut optimizers, start_step, mut loop_state) = match args.resume_from_step {
+    let (model, varmap, optim_state, start_step, mut loop_state) = match args.resume_from_step {
         None => {
             let (model, varmap) = checkpoint::model_from_checkpoint(base, &device)?;
-            let optimizers = setup_optimizers(&model_config, &varmap, &optim_config)?;
-            (model, varmap, optimizers, 0, LoopState::default())
+            (model, varmap, None, 0, LoopState::default())
         }
         Some(step) => {
             let ckpt = checkpoint::load(out_dir, step, &device, true, Some(&fingerprint))?;
@@ -306,17 +307,15 @@ pub fn train_on(
                 }
             }
             let (model, varmap) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
-            let mut optimizers = setup_optimizers(&model_config, &varmap, &optim_config)?;
-            optimizers.load_state_dict(&ckpt.optim).context("restoring the optimizer state")?;
-            (model, varmap, optimizers, step, ckpt.meta.loop_state)
+            (model, varmap, Some(ckpt.optim), step, ckpt.meta.loop_state)
         }
     };
     if start_step > num_iterations {
         bail!("cannot resume from step {start_step}: the run is only {num_iterations} steps long");
     }
-    let vars: Vec<Var> = optimizers.vars().cloned().collect();
-    // Every rank read the same checkpoint; the broadcast makes sure they start in step anyway.
-    broadcast_vars(comm, &vars)?;
+    // Sharded across the ranks: each keeps (and updates) its own parameters' state, whatever the
+    // number of processes that wrote the checkpoint.
+    let (mut optimizers, vars) = setup_optimizers_on(comm, &model_config, &varmap, &optim_config, optim_state)?;
     let metrics_path = out_dir.join("metrics.jsonl");
     if root {
         drop_metrics_from(&metrics_path, start_step)?;
@@ -353,18 +352,12 @@ pub fn train_on(
         }
         let periodic_save = args.save_every > 0 && step % args.save_every == 0 && step != start_step;
         if last_step || periodic_save {
-            // The weights and the optimizer state are the same on every rank, and the data position
-            // is the step itself: rank 0's checkpoint is the whole run's.
-            if root {
-                let mut meta = Meta::new(step, model_config.clone(), fingerprint.clone());
-                meta.loop_state = LoopState { smooth_train_loss: ema.value, ..loop_state.clone() };
-                meta.run_config = run_config.clone();
-                let optim_state = optimizers.state_dict()?;
-                checkpoint::save(out_dir, &checkpoint::varmap_tensors(&varmap)?, Some(&optim_state), &meta)?;
-                say(format!("step {step:05} | saved checkpoint in {}", out_dir.display()));
-            }
-            // No rank runs on (or reports success) before the checkpoint is complete.
-            comm.barrier()?;
+            // The data position is the step itself: the checkpoint needs no rank's loader state.
+            let mut meta = Meta::new(step, model_config.clone(), fingerprint.clone());
+            meta.loop_state = LoopState { smooth_train_loss: ema.value, ..loop_state.clone() };
+            meta.run_config = run_config.clone();
+            save_checkpoint_on(comm, out_dir, &varmap, &optimizers, &meta)?;
+            say(format!("step {step:05} | saved checkpoint in {}", out_dir.display()));
         }
         if last_step {
             break;

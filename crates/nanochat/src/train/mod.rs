@@ -1,14 +1,15 @@
 //! Training stages (`base`: pretraining; `mid`: midtraining; `sft`: supervised finetuning; `rl`:
 //! reinforcement learning on GSM8K) and the pieces every stage shares: a gradient-accumulated
-//! optimizer step (data-parallel across ranks when given a communicator), validation bits per byte
-//! (split across ranks), greedy samples, the loss EMA, the metrics log, and loading the previous
-//! stage's checkpoint.
+//! optimizer step (data-parallel across ranks when given a communicator, with the optimizer state
+//! sharded across them), checkpoints of that state, validation bits per byte (split across ranks),
+//! greedy samples, the loss EMA, the metrics log, and loading the previous stage's checkpoint.
 
 pub mod base;
 pub mod mid;
 pub mod rl;
 pub mod sft;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,15 +18,16 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::VarMap;
 use rayon::prelude::*;
 
 use crate::chat_cli::Source;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Meta};
 use crate::data::dataset::Split;
 use crate::data::loader::{Batch, Loader, LoaderConfig};
-use crate::dist::{all_reduce_grads, Communicator, DistMode, SingleProcess};
-use crate::model::{Reduction, GPT};
-use crate::optim::{clip_grad_norm, OptimConfig, Optimizers};
+use crate::dist::{all_gather_vars, broadcast_vars, reduce_grads_to_owners, Communicator, DistMode, SingleProcess};
+use crate::model::{GPTConfig, Reduction, GPT};
+use crate::optim::{clip_grad_norm_on, setup_optimizers, OptimConfig, Optimizers};
 use crate::tasks::chat::ChatData;
 use crate::tasks::identity::Identity;
 use crate::tasks::{DataRoot, Task};
@@ -147,21 +149,43 @@ pub fn validation_bpb(
     eval_tokens: usize,
     comm: &dyn Communicator,
 ) -> Result<f64> {
-    let cfg = LoaderConfig {
-        split: Split::Val,
-        epochs: Some(1),
-        rank: comm.rank(),
-        world_size: comm.world_size(),
-        ..loader.clone()
-    };
-    let device = model_device(model)?;
+    let cfg = LoaderConfig { rank: comm.rank(), world_size: comm.world_size(), ..loader.clone() };
     let steps = (eval_tokens / (cfg.batch_size * cfg.seq_len * cfg.world_size)).max(1);
-    let batches = Loader::new(tokenizer, &cfg, None)?
-        .take(steps)
-        .map(|b| b.and_then(|b| batch_tensors(&b, cfg.batch_size, cfg.seq_len, &device)));
-    let mut sums = bpb_sums(model, batches, &tokenizer.token_bytes())?;
-    comm.all_reduce_sum_f64(&mut sums)?;
-    bits_per_byte(sums)
+    let batches = validation_batches(model, tokenizer, &cfg)?.take(steps);
+    evaluate_bpb_on(comm, model, batches, &tokenizer.token_bytes())
+}
+
+/// The validation bits per byte of one process, the batches split across the ranks of `comm`:
+/// every rank reads the first `eval_tokens` tokens of the whole split, as one process does, and
+/// evaluates batches `rank`, `rank + W`, ... of them; the totals are added across ranks, so the
+/// result is one process's up to the order of additions. Each rank tokenizes every batch, which
+/// costs little next to the forward passes it skips.
+pub fn validation_bpb_split(
+    model: &GPT,
+    tokenizer: &bpe::Tokenizer,
+    loader: &LoaderConfig,
+    eval_tokens: usize,
+    comm: &dyn Communicator,
+) -> Result<f64> {
+    let cfg = LoaderConfig { rank: 0, world_size: 1, ..loader.clone() };
+    let steps = (eval_tokens / (cfg.batch_size * cfg.seq_len)).max(1);
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let batches = validation_batches(model, tokenizer, &cfg)?.take(steps).skip(rank).step_by(world);
+    evaluate_bpb_on(comm, model, batches, &tokenizer.token_bytes())
+}
+
+/// The validation split in one pass, as `loader` (its rank, batch size, rows) reads it, as
+/// tensors on the model's device.
+fn validation_batches(
+    model: &GPT,
+    tokenizer: &bpe::Tokenizer,
+    loader: &LoaderConfig,
+) -> Result<impl Iterator<Item = Result<(Tensor, Tensor)>>> {
+    let cfg = LoaderConfig { split: Split::Val, epochs: Some(1), ..loader.clone() };
+    let device = model_device(model)?;
+    let (rows, seq_len) = (cfg.batch_size, cfg.seq_len);
+    let batches = Loader::new(tokenizer, &cfg, None)?;
+    Ok(batches.map(move |b| b.and_then(|b| batch_tensors(&b, rows, seq_len, &device))))
 }
 
 /// Prompts whose greedy completions show what the model has learnt (the original's list).
@@ -283,13 +307,14 @@ pub struct StepStats {
     pub loss: f64,
     /// The global gradient norm before clipping, when clipping.
     pub grad_norm: Option<f64>,
-    /// Seconds spent averaging across ranks (0 for a single process).
+    /// Seconds spent communicating across ranks, waiting for the slowest included (0 for a single
+    /// process).
     pub comm_seconds: f64,
 }
 
 /// [`optimizer_step`] as one rank of `comm`: each rank runs `accum_steps` micro-batches of its own
-/// data, then the gradients and the loss are averaged across ranks before clipping, so that every
-/// rank takes the same step, that of the mean loss over all ranks' micro-batches.
+/// data, the loss is averaged across ranks, and [`update_on`] makes the step that of the mean loss
+/// over all ranks' micro-batches, the same on every rank.
 #[allow(clippy::too_many_arguments)] // optimizer_step's knobs and the communicator
 pub fn optimizer_step_on(
     comm: &dyn Communicator,
@@ -302,24 +327,120 @@ pub fn optimizer_step_on(
     lr_multiplier: f64,
     muon_momentum: Option<f64>,
 ) -> Result<StepStats> {
-    let (local_loss, mut grads) = forward_backward(model, vars, micro_batches, accum_steps)?;
+    let (local_loss, grads) = forward_backward(model, vars, micro_batches, accum_steps)?;
     let comm_started = Instant::now();
-    all_reduce_grads(comm, vars, &mut grads)?;
     let mut loss = [local_loss];
     comm.all_reduce_sum_f64(&mut loss)?;
     let loss = loss[0] / comm.world_size() as f64;
-    let comm_seconds = if comm.world_size() > 1 { comm_started.elapsed().as_secs_f64() } else { 0.0 };
+    let loss_seconds = comm_started.elapsed().as_secs_f64();
     // The averaged loss is the same on every rank, so all ranks stop here together.
     if !loss.is_finite() {
         bail!("the loss is {loss}: training diverged; lower the learning rates");
     }
-    let grad_norm = if grad_clip > 0.0 { Some(clip_grad_norm(vars, &mut grads, grad_clip)?) } else { None };
     optimizers.set_lr_multiplier(lr_multiplier);
     if let Some(momentum) = muon_momentum {
         optimizers.set_muon_momentum(momentum);
     }
+    let update = update_on(comm, optimizers, grads, grad_clip)?;
+    let comm_seconds = if comm.world_size() > 1 { loss_seconds + update.comm_seconds } else { 0.0 };
+    Ok(StepStats { loss, grad_norm: update.grad_norm, comm_seconds })
+}
+
+/// What [`update_on`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Update {
+    /// The global gradient norm before clipping, when clipping.
+    pub grad_norm: Option<f64>,
+    /// Seconds spent moving gradients and parameters between ranks.
+    pub comm_seconds: f64,
+}
+
+/// The optimizer update of one step from this rank's gradients `grads` (of its own data), at the
+/// optimizers' current learning rates: gradient clipping to global norm `grad_clip` (when > 0),
+/// then the update. With several ranks the optimizers must be sharded across them
+/// ([`Optimizers::shard`], as [`setup_optimizers_on`] does) and the step is ZeRO-2's: each
+/// gradient is averaged onto the rank that owns its parameter, clipping adds the ranks' squared
+/// norms, each rank updates its own parameters (their Muon orthogonalisation included), and every
+/// rank then gathers the updated parameters, so that all hold the weights one process would.
+pub fn update_on(
+    comm: &dyn Communicator,
+    optimizers: &mut Optimizers,
+    grads: GradStore,
+    grad_clip: f64,
+) -> Result<Update> {
+    let world = comm.world_size();
+    let shards = match optimizers.shards() {
+        _ if world == 1 => None,
+        Some(shards) if shards.world_size() == world => Some(shards.clone()),
+        _ => bail!("the optimizers are not sharded across the {world} processes: set them up with setup_optimizers_on"),
+    };
+    let vars: Vec<Var> = optimizers.vars().cloned().collect();
+    let started = Instant::now();
+    let mut grads = match &shards {
+        Some(shards) => reduce_grads_to_owners(comm, &vars, shards, &grads)?,
+        None => grads,
+    };
+    let mut comm_seconds = started.elapsed().as_secs_f64();
+    let grad_norm = if grad_clip > 0.0 { Some(clip_grad_norm_on(comm, &vars, &mut grads, grad_clip)?) } else { None };
     optimizers.step(&grads)?;
-    Ok(StepStats { loss, grad_norm, comm_seconds })
+    if let Some(shards) = &shards {
+        let started = Instant::now();
+        all_gather_vars(comm, &vars, shards)?;
+        comm_seconds += started.elapsed().as_secs_f64();
+    }
+    Ok(Update { grad_norm, comm_seconds })
+}
+
+/// [`setup_optimizers`] as one rank of `comm`: the state restored from `state` when resuming (a
+/// checkpoint's, written by any number of processes), sharded across the ranks so that each keeps
+/// its own parameters' ([`Optimizers::shard`]), and the weights made rank 0's on every rank (they
+/// start in step whatever their initialisation or the file they read). Returns the optimizers and
+/// their parameters, in their order. `state` is taken so that the other ranks' part of it is
+/// freed here rather than held for the whole run.
+pub fn setup_optimizers_on(
+    comm: &dyn Communicator,
+    config: &GPTConfig,
+    varmap: &VarMap,
+    hp: &OptimConfig,
+    state: Option<HashMap<String, Tensor>>,
+) -> Result<(Optimizers, Vec<Var>)> {
+    let mut optimizers = setup_optimizers(config, varmap, hp)?;
+    optimizers.shard(comm.rank(), comm.world_size());
+    if let Some(state) = state {
+        optimizers.load_state_dict(&state).context("restoring the optimizer state")?;
+    }
+    let vars: Vec<Var> = optimizers.vars().cloned().collect();
+    broadcast_vars(comm, &vars)?;
+    Ok((optimizers, vars))
+}
+
+/// Writes the checkpoint `meta` describes (the weights of `varmap`, the state of `optimizers`) as
+/// one rank of `comm`. A single process writes the usual files. With several ranks, each writes
+/// its own shard of the optimizer state (`optim_{step}_rank{r}`); once all are written, which the
+/// gathering of their names and sizes to rank 0 ensures, rank 0 writes the weights and the meta
+/// (only rank 0's `meta` is used). Then every rank waits at a barrier, so that none runs on (or
+/// reports success) before the checkpoint is complete.
+pub fn save_checkpoint_on(
+    comm: &dyn Communicator,
+    dir: &Path,
+    varmap: &VarMap,
+    optimizers: &Optimizers,
+    meta: &Meta,
+) -> Result<()> {
+    let state = optimizers.state_dict()?;
+    if comm.world_size() == 1 {
+        crate::checkpoint::save(dir, &crate::checkpoint::varmap_tensors(varmap)?, Some(&state), meta)?;
+    } else {
+        let shard = crate::checkpoint::save_optim_shard(dir, meta.step, comm.rank(), &state)?;
+        let shards = comm.all_gather_bytes(&serde_json::to_vec(&shard)?)?;
+        if comm.is_root() {
+            let shards: Vec<(String, u64)> =
+                shards.iter().map(|s| serde_json::from_slice(s)).collect::<Result<_, _>>()?;
+            crate::checkpoint::save_sharded(dir, &crate::checkpoint::varmap_tensors(varmap)?, &shards, meta)?;
+        }
+    }
+    comm.barrier()?;
+    Ok(())
 }
 
 /// The checkpoint a chat stage starts from: stage `source`, tag `model_tag` (default: the deepest
@@ -465,7 +586,8 @@ pub struct ChatStageArgs {
     /// Seed of the data mixture's order and of the generated tasks.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Data-parallel across processes: auto (MPI when started by mpirun), mpi, or none.
+    /// Data-parallel across processes: auto (MPI under mpirun, NCCL under a torchrun-style launch), mpi,
+    /// nccl (GPUs, the `nccl` feature), or none.
     #[arg(long, value_enum, default_value_t = DistMode::Auto)]
     pub dist: DistMode,
 }

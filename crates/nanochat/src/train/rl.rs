@@ -27,7 +27,8 @@
 //! Data-parallel (`mpirun -n W nanochat rl train ...`, docs/DISTRIBUTED.md): rank r takes problems
 //! r, r + W, r + 2W, ... of each step's `--examples-per-step` (which must be a multiple of W),
 //! samples and scores their rollouts (the seeds depend on the step, problem and group, not on the
-//! rank), and the gradients are averaged across ranks, as are the step's reward, length and loss;
+//! rank), and the gradients are averaged across ranks onto their parameters' owners (the optimizer
+//! state is sharded, as in every stage), as are the step's reward, length and loss;
 //! pass@k splits the test problems the same way and adds the counts. Rank 0 alone logs and writes
 //! checkpoints, metrics and the report; an error on any rank ends every rank.
 
@@ -41,14 +42,17 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{accumulate_grads, append_jsonl, drop_metrics_from, log_on, rank_progress_bar, ChatStageArgs};
+use super::{
+    accumulate_grads, append_jsonl, drop_metrics_from, log_on, rank_progress_bar, setup_optimizers_on, update_on,
+    ChatStageArgs,
+};
 use crate::chat_cli::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
-use crate::dist::{self, all_reduce_grads, broadcast_vars, or_abort, rank_stride, Communicator, SingleProcess};
+use crate::dist::{self, or_abort, rank_stride, Communicator, SingleProcess};
 use crate::engine::{Engine, GenerateOptions};
 use crate::eval::chat::{grade_samples, sample_problem};
 use crate::model::{GPTConfig, Reduction, GPT};
-use crate::optim::{setup_optimizers, Optimizers};
+use crate::optim::Optimizers;
 use crate::tasks::gsm8k::Gsm8k;
 use crate::tasks::Task;
 
@@ -255,10 +259,8 @@ pub fn train_on(
     let device = Device::cuda_if_available(dist::local_rank())?;
     let config = init.meta.model_config.clone();
     let (model, varmap) = checkpoint::model_from_checkpoint(init, &device)?;
-    let mut optimizers = setup_optimizers(&config, &varmap, &args.stage.optim_config(args.init_lr_frac))?;
-    let vars: Vec<Var> = optimizers.vars().cloned().collect();
-    // Every rank read the same checkpoint; the broadcast makes sure they start in step anyway.
-    broadcast_vars(comm, &vars)?;
+    let optim_config = args.stage.optim_config(args.init_lr_frac);
+    let (mut optimizers, vars) = setup_optimizers_on(comm, &config, &varmap, &optim_config, None)?;
     let pad_id = tokenizer.special_id("<|assistant_end|>").context("the tokenizer has no <|assistant_end|>")?;
     let metrics_path = out_dir.join("metrics.jsonl");
     if root {
@@ -453,9 +455,6 @@ pub fn rl_step_on(
             accumulate_grads(&mut grads, vars, &loss)?;
         }
     }
-    // Each rank's loss is divided by its own problem count, so the average over ranks is the loss
-    // of all the step's problems (every rank has as many).
-    all_reduce_grads(comm, vars, &mut grads)?;
     let mut totals = [loss_sum, reward_sum, length_sum as f64, samples as f64];
     comm.all_reduce_sum_f64(&mut totals)?;
     let [loss_sum, reward_sum, length_sum, samples] = totals;
@@ -465,7 +464,9 @@ pub fn rl_step_on(
         bail!("the policy-gradient loss is {loss_sum}: training diverged; lower the learning rates");
     }
     optimizers.set_lr_multiplier(lr_multiplier);
-    optimizers.step(&grads)?;
+    // Each rank's loss is divided by its own problem count, so the average of the gradients over
+    // ranks is the gradient of the loss of all the step's problems (every rank has as many).
+    update_on(comm, optimizers, grads, 0.0)?;
     Ok(StepStats {
         mean_reward: reward_sum / samples.max(1.0),
         mean_length: length_sum / samples.max(1.0),

@@ -32,20 +32,19 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 
 use super::{
     accum_steps_per_rank, append_jsonl, drop_metrics_from, log_on, optimizer_step_on, rank_progress_bar, render_task,
-    ChatStageArgs, LossEma,
+    setup_optimizers_on, ChatStageArgs, LossEma,
 };
 use crate::chat_cli::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
-use crate::dist::{self, broadcast_vars, or_abort, rank_stride, Communicator, SingleProcess};
+use crate::dist::{self, or_abort, rank_stride, Communicator, SingleProcess};
 use crate::model::GPT;
-use crate::optim::setup_optimizers;
 use crate::tasks::arc::{ArcSubset, ArcTask};
 use crate::tasks::chat::ChatData;
 use crate::tasks::gsm8k::Gsm8k;
@@ -284,10 +283,8 @@ pub fn train_on(
     let pad_id = tokenizer.special_id("<|assistant_end|>").context("the tokenizer has no <|assistant_end|>")?;
 
     let (model, varmap) = checkpoint::model_from_checkpoint(init, &device)?;
-    let mut optimizers = setup_optimizers(&model_config, &varmap, &args.stage.optim_config(args.init_lr_frac))?;
-    let vars: Vec<Var> = optimizers.vars().cloned().collect();
-    // Every rank read the same checkpoint; the broadcast makes sure they start in step anyway.
-    broadcast_vars(comm, &vars)?;
+    let optim_config = args.stage.optim_config(args.init_lr_frac);
+    let (mut optimizers, vars) = setup_optimizers_on(comm, &model_config, &varmap, &optim_config, None)?;
     let metrics_path = out_dir.join("metrics.jsonl");
     if root {
         drop_metrics_from(&metrics_path, 0)?;
