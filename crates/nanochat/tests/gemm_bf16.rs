@@ -1,6 +1,6 @@
 //! The AVX-512 BF16 GEMM against an f64 reference computed from the bf16-rounded operands (odd
-//! shapes, every operand layout, alpha, accumulation), and the lm_head kernel with its bf16 GEMMs
-//! against its f32 path. Every test returns early, saying so, on a CPU without AVX-512 BF16.
+//! shapes, every operand layout, alpha, accumulation), and the lm_head and linear kernels with
+//! their bf16 GEMMs against their f32 paths. Every test returns early, saying so, on a CPU without AVX-512 BF16.
 
 use candle_core::{Device, Tensor, Var};
 use nanochat::model::fused::{self, gemm_bf16, round_bf16, Mat};
@@ -132,6 +132,53 @@ fn bf16_gemm_rejects_operands_too_small() {
     assert!(gemm_bf16(2, 2, 3, &mut dst, 1, view(&a, 2, 3, false), view(&b, 3, 2, false), 1.0, false).is_err());
 }
 
+/// The bf16 switch is one per process: tests that flip it take turns.
+static SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `f` with the bf16 switch off, then on: its results under each (the switch is left off).
+fn f32_then_bf16<T>(f: impl Fn() -> T) -> (T, T) {
+    let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let run = |bf16: bool| {
+        fused::set_bf16_matmul(bf16);
+        assert_eq!(fused::bf16_matmul_active(), bf16);
+        let out = f();
+        fused::set_bf16_matmul(false);
+        out
+    };
+    (run(false), run(true))
+}
+
+/// Each bf16 result within `tol` (relative to the largest f32 magnitude) of its f32 result, and
+/// not identical to it (else the bf16 GEMM did not run).
+fn close_but_rounded(pairs: [(&str, &Tensor, &Tensor); 3], tol: f32) {
+    for (what, bf, f) in pairs {
+        let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let (diff, scale) = (max(&(bf - f).unwrap()), max(f));
+        println!("{what}: max |bf16 - f32| {diff:.2e}, max |f32| {scale:.2e}");
+        assert!(diff <= tol * scale, "{what}: bf16 differs from f32 by {diff} (scale {scale})");
+        assert!(diff > 0.0, "{what}: identical, so the bf16 GEMM did not run");
+    }
+}
+
+#[test]
+fn linear_with_bf16_gemms_matches_the_f32_path() {
+    if skip("linear_with_bf16_gemms_matches_the_f32_path") {
+        return;
+    }
+    let dev = Device::Cpu;
+    let (n, c, out) = (301, 96, 157);
+    let xr = Tensor::randn(0f32, 1.0, (n, c), &dev).unwrap();
+    let wr = Tensor::randn(0f32, 0.1, (out, c), &dev).unwrap();
+    let up = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+    let ((y32, dx32, dw32), (y16, dx16, dw16)) = f32_then_bf16(|| {
+        let (x, w) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
+        let y = fused::linear(x.as_tensor(), w.as_tensor()).unwrap();
+        let grads = y.mul(&up).unwrap().sum_all().unwrap().backward().unwrap();
+        (y.clone(), grads.get(x.as_tensor()).unwrap().clone(), grads.get(w.as_tensor()).unwrap().clone())
+    });
+    close_but_rounded([("y", &y16, &y32), ("dx", &dx16, &dx32), ("dw", &dw16, &dw32)], 1e-2);
+}
+
 #[test]
 fn lm_head_with_bf16_gemms_matches_the_f32_path() {
     if skip("lm_head_with_bf16_gemms_matches_the_f32_path") {
@@ -145,23 +192,11 @@ fn lm_head_with_bf16_gemms_matches_the_f32_path() {
     let targets = Tensor::new(targets.as_slice(), &dev).unwrap();
     // random weights on the per-token losses: a non-uniform upstream gradient
     let weights = Tensor::rand(0f32, 1.0, n, &dev).unwrap();
-    let run = |bf16: bool| {
-        fused::set_bf16_matmul(bf16);
-        assert_eq!(fused::bf16_matmul_active(), bf16);
+    let ((l32, dx32, dw32), (l16, dx16, dw16)) = f32_then_bf16(|| {
         let (x, w) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
         let losses = fused::lm_head_cross_entropy(x.as_tensor(), w.as_tensor(), &targets, 15.0).unwrap();
         let grads = losses.mul(&weights).unwrap().sum_all().unwrap().backward().unwrap();
-        let (dx, dw) = (grads.get(x.as_tensor()).unwrap().clone(), grads.get(w.as_tensor()).unwrap().clone());
-        fused::set_bf16_matmul(false);
-        (losses, dx, dw)
-    };
-    let (l32, dx32, dw32) = run(false);
-    let (l16, dx16, dw16) = run(true);
-    for (what, bf, f) in [("losses", &l16, &l32), ("dx", &dx16, &dx32), ("dw", &dw16, &dw32)] {
-        let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let (diff, scale) = (max(&(bf - f).unwrap()), max(f));
-        println!("{what}: max |bf16 - f32| {diff:.2e}, max |f32| {scale:.2e}");
-        assert!(diff <= 1e-2 * scale, "{what}: bf16 differs from f32 by {diff} (scale {scale})");
-        assert!(diff > 0.0, "{what}: identical, so the bf16 GEMM did not run");
-    }
+        (losses, grads.get(x.as_tensor()).unwrap().clone(), grads.get(w.as_tensor()).unwrap().clone())
+    });
+    close_but_rounded([("losses", &l16, &l32), ("dx", &dx16, &dx32), ("dw", &dw16, &dw32)], 1e-2);
 }

@@ -1,4 +1,4 @@
-//! A bf16 GEMM on AVX-512 BF16 for the lm_head products of training (issue 10): `C = alpha · A · B
+//! A bf16 GEMM on AVX-512 BF16 for the products of training (issue 10): `C = alpha · A · B
 //! [+ C]` with both operands rounded to bf16 (round to nearest even) while they are packed, and the
 //! products accumulated in f32 by `vdpbf16ps`, which does 32 multiply-adds per instruction: twice
 //! the f32 FMA rate of the same vector width. Only the operands lose precision; the accumulators,
@@ -12,7 +12,8 @@
 //! (one `u32` per pair, the lower k in the low half), an odd k padded with a zero.
 //!
 //! The kernels only run when the CPU has AVX-512 BF16 (checked at run time); [`set_bf16_matmul`]
-//! turns them on for the lm_head, which otherwise, and on other CPUs, keeps the f32 GEMM.
+//! turns them on for the training products (`linear.rs`, `lm_head.rs`), which otherwise, and on
+//! other CPUs, keep the f32 GEMM.
 
 // Off x86-64 only the switch and the rounding are used: the GEMM reports no support there.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -36,13 +37,13 @@ const KCP: usize = 128;
 /// narrow backward products, its 240-row tile of C stay in L2 from chunk to chunk.
 const MC_MAX: usize = 240;
 
-/// Whether the lm_head uses this GEMM (when the CPU can): off by default, so that numerics are
+/// Whether the training products use this GEMM (when the CPU can): off by default, so that numerics are
 /// those of the f32 path unless asked for.
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
-/// Makes the lm_head's three products (logits, and the two of its backward) use the bf16 GEMM
-/// when the CPU has AVX-512 BF16, for every model in this process. Off, or on other CPUs, they
-/// stay f32.
+/// Makes the training products (the blocks' projections and the lm_head, forward and backward)
+/// use the bf16 GEMM when the CPU has AVX-512 BF16, for every model in this process. Off, or on
+/// other CPUs, they stay f32.
 pub fn set_bf16_matmul(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
@@ -380,7 +381,7 @@ mod x86 {
         out
     }
 
-    /// [`pack`] for any strides (no lm_head operand needs it), element by element.
+    /// [`pack`] for any strides (no training operand needs it), element by element.
     #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl")]
     unsafe fn pack_strided(dst: &mut [u32], width: usize, src: &Strided, rows: usize, kvalid: usize, pairs: usize) {
         let x = |r: usize, kk: usize| {

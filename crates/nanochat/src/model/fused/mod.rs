@@ -10,11 +10,13 @@
 //! - `relu2`: the MLP's ReLU²
 //! - `cross_entropy`: softcap + cross-entropy over the vocabulary
 //! - `lm_head`: the lm_head projection fused with softcap + cross-entropy (one reused logits buffer)
-//! - `gemm_bf16`: an AVX-512 BF16 GEMM the lm_head's products can use ([`set_bf16_matmul`])
+//! - `linear`: the blocks' projections, forward and backward, on the training GEMM
+//! - `gemm_bf16`: an AVX-512 BF16 GEMM the training products can use ([`set_bf16_matmul`])
 
 mod attention;
 mod cross_entropy;
 mod gemm_bf16;
+mod linear;
 mod lm_head;
 mod norm;
 mod relu2;
@@ -34,6 +36,7 @@ pub use gemm_bf16::{bf16_matmul_active, bf16_supported, gemm_bf16, round_bf16, s
 pub fn softcap_in_place(xs: &mut [f32], cap: f32) {
     simd::softcap_max(xs, cap);
 }
+pub use linear::linear;
 pub use lm_head::lm_head_cross_entropy;
 pub use norm::rms_norm;
 pub use relu2::relu_squared;
@@ -149,6 +152,16 @@ pub(crate) fn gemm_parallel(
     scale: f32,
 ) -> Result<()> {
     gemm_with(m, n, k, dst, dst_rs, a, b, scale, false, gemm::Parallelism::Rayon(rayon::current_num_threads()))
+}
+
+/// `dst (m x n, row stride dst_rs) = a (m x k) · b (k x n)` on all threads, the training GEMM:
+/// the bf16 one when it is on and the CPU has it ([`bf16_matmul_active`]), the f32 one otherwise.
+pub(crate) fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat) -> Result<()> {
+    if bf16_matmul_active() {
+        gemm_bf16(m, n, k, dst, dst_rs, a, b, 1.0, false)
+    } else {
+        gemm_parallel(m, n, k, dst, dst_rs, a, b, 1.0)
+    }
 }
 
 /// The contiguous f32 data of a CPU tensor, or an error naming the op and the operand.

@@ -16,10 +16,15 @@ fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    // adding and subtracting 1.5 * 2^23 rounds to the nearest integer without SSE4.1's roundps
+    // Adding 1.5 * 2^23 rounds to the nearest integer without SSE4.1's roundps, and leaves that
+    // integer n in the low bits of the sum: its bits are those of 1.5 * 2^23 (0x4b40_0000) plus n.
+    // Reading n from there, rather than by `n as i32` (a saturating conversion LLVM does one lane
+    // at a time), keeps the whole function in vector registers.
     const ROUND: f32 = 12_582_912.0;
+    const ROUND_BITS: u32 = 0x4b40_0000;
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let rounded = x * LOG2E + ROUND;
+    let n = rounded - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -28,12 +33,13 @@ fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5; // Cephes 5.0000001e-1, which is 0.5 in f32
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    // 2^n: the biased exponent n + 127 (in 1..=254 after the clamp) in the exponent field
+    e * f32::from_bits(rounded.to_bits().wrapping_sub(ROUND_BITS - 127) << 23)
 }
 
 /// `cap * tanh(x / cap)` as `cap * (1 − 2 / (exp(2x / cap) + 1))`: absolute error ~1e-7 · cap.
 #[inline(always)]
-fn softcap(x: f32, cap: f32) -> f32 {
+pub(crate) fn softcap(x: f32, cap: f32) -> f32 {
     cap * (1.0 - 2.0 / (exp(2.0 * x / cap) + 1.0))
 }
 
@@ -105,30 +111,35 @@ dispatch! {
 }
 
 dispatch! {
-    /// Sum of `exp(x − shift)` over the slice, which is left unchanged.
-    fn sum_exp(xs: &[f32], shift: f32) -> f32 {
+    /// One pass of the softcapped cross-entropy over a row of logits x, for a unit upstream
+    /// gradient: with t = tanh(x / cap), z = cap t and e = exp(z − cap), the row becomes
+    /// e (1 − t²) and the sum S of e is returned. z ≤ cap bounds e by 1 and keeps it above
+    /// e^−2cap, so no max pass is needed; then lse = ln S + cap, and the gradient with respect to
+    /// x is the row divided by S (the target's −(1 − t_target²) is the caller's). With
+    /// u = exp(2x / cap) and v = 1 / (u + 1): t = 1 − 2v, 1 − t² = 4v(1 − v), e = exp(−2 cap v).
+    fn softcap_ce_row(xs: &mut [f32], cap: f32) -> f32 {
+        let (two_over_cap, minus_two_cap) = (2.0 / cap, -2.0 * cap);
         let mut acc = [0f32; LANES];
-        let mut chunks = xs.chunks_exact(LANES);
+        let mut chunks = xs.chunks_exact_mut(LANES);
+        let term = |x: f32| {
+            let v = 1.0 / (exp(x * two_over_cap) + 1.0);
+            let e = exp(minus_two_cap * v);
+            (e, e * 4.0 * v * (1.0 - v))
+        };
         for c in &mut chunks {
             for l in 0..LANES {
-                acc[l] += exp(c[l] - shift);
+                let (e, w) = term(c[l]);
+                c[l] = w;
+                acc[l] += e;
             }
         }
-        let sum: f32 = acc.iter().sum();
-        sum + chunks.remainder().iter().map(|&x| exp(x - shift)).sum::<f32>()
-    }
-}
-
-dispatch! {
-    /// The softcapped cross-entropy gradient row for a unit upstream gradient, in place over the
-    /// capped logits z: `exp(z − lse) (1 − (z / cap)²)` (the target's −(1 − (z_t/cap)²) is the
-    /// caller's).
-    fn softcap_ce_grad(zs: &mut [f32], lse: f32, cap: f32) -> () {
-        let inv = 1.0 / cap;
-        zs.iter_mut().for_each(|z| {
-            let th = *z * inv;
-            *z = exp(*z - lse) * (1.0 - th * th);
-        });
+        let mut sum: f32 = acc.iter().sum();
+        for x in chunks.into_remainder() {
+            let (e, w) = term(*x);
+            *x = w;
+            sum += e;
+        }
+        sum
     }
 }
 
@@ -165,12 +176,20 @@ mod tests {
         let s = exp_sum(&mut e, 1.5);
         let want: f32 = xs.iter().map(|x| (x - 1.5).exp()).sum();
         assert!((s - want).abs() < 1e-5 * want);
-        assert!((sum_exp(&xs, 1.5) - want).abs() < 1e-5 * want);
         let mut c = xs.clone();
         let m = softcap_max(&mut c, 5.0);
         for (a, x) in c.iter().zip(&xs) {
             assert!((a - 5.0 * (x / 5.0).tanh()).abs() < 2e-6 * 5.0);
         }
         assert_eq!(m, max(&c));
+        let mut w = xs.clone();
+        let sum = softcap_ce_row(&mut w, 5.0);
+        let z: Vec<f64> = xs.iter().map(|&x| 5.0 * (f64::from(x) / 5.0).tanh()).collect();
+        let want: f64 = z.iter().map(|z| (z - 5.0).exp()).sum();
+        assert!((f64::from(sum) - want).abs() < 1e-5 * want, "{sum} vs {want}");
+        for (w, z) in w.iter().zip(&z) {
+            let want = (z - 5.0).exp() * (1.0 - (z / 5.0).powi(2));
+            assert!((f64::from(*w) - want).abs() < 1e-5 * want.abs() + 1e-7, "{w} vs {want}");
+        }
     }
 }
