@@ -1,6 +1,7 @@
 //! The AVX-512 BF16 GEMM against an f64 reference computed from the bf16-rounded operands (odd
-//! shapes, every operand layout, alpha, accumulation), and the lm_head and linear kernels with
-//! their bf16 GEMMs against their f32 paths. Every test returns early, saying so, on a CPU without AVX-512 BF16.
+//! shapes, every operand layout, alpha, accumulation), the lm_head and linear kernels with their
+//! bf16 GEMMs against their f32 paths, and Muon's Newton–Schulz with bf16 GEMMs against v0's f32
+//! and bf16 iterations. Every test returns early, saying so, on a CPU without AVX-512 BF16.
 
 use candle_core::{Device, Tensor, Var};
 use nanochat::model::fused::{self, gemm_bf16, round_bf16, Mat};
@@ -199,4 +200,30 @@ fn lm_head_with_bf16_gemms_matches_the_f32_path() {
         (losses, grads.get(x.as_tensor()).unwrap().clone(), grads.get(w.as_tensor()).unwrap().clone())
     });
     close_but_rounded([("losses", &l16, &l32), ("dx", &dx16, &dx32), ("dw", &dw16, &dw32)], 1e-2);
+}
+
+#[test]
+fn muon_with_bf16_gemms_stays_within_v0s_bf16_gap() {
+    if skip("muon_with_bf16_gemms_stays_within_v0s_bf16_gap") {
+        return;
+    }
+    let path =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/optim/muon.safetensors");
+    let f = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let get =
+        |k: &str| f.get(k).unwrap_or_else(|| panic!("fixture has no {k}")).to_dtype(candle_core::DType::F32).unwrap();
+    let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    for k in [1, 2] {
+        let gn = get(&format!("gn{k}"));
+        let (fp32, bf16) = (get(&format!("fp32.update{k}")), get(&format!("bf16.update{k}")));
+        let (ours32, ours16) = f32_then_bf16(|| nanochat::optim::muon::zeropower_via_newtonschulz5(&gn, 5).unwrap());
+        let v0_gap = max(&(&bf16 - &fp32).unwrap());
+        let (to_fp32, to_bf16) = (max(&(&ours16 - &fp32).unwrap()), max(&(&ours16 - &bf16).unwrap()));
+        println!("update{k}: v0 bf16 vs fp32 {v0_gap:.2e}; ours with bf16 GEMMs vs v0 fp32 {to_fp32:.2e}, vs v0 bf16 {to_bf16:.2e}; scale {:.2e}", max(&fp32));
+        assert!(max(&(&ours32 - &fp32).unwrap()) <= 2e-6, "the f32 path moved");
+        assert!(to_fp32 > 0.0, "identical to f32: the bf16 GEMM did not run");
+        // rounding only the products' operands stays closer to f32 than v0's all-bf16 iteration
+        assert!(to_fp32 <= v0_gap, "update{k}: {to_fp32} from f32, more than v0's bf16 ({v0_gap})");
+        assert!(to_bf16 <= 2.0 * v0_gap, "update{k}: {to_bf16} from v0's bf16 update");
+    }
 }
