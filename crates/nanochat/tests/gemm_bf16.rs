@@ -227,3 +227,49 @@ fn muon_with_bf16_gemms_stays_within_v0s_bf16_gap() {
         assert!(to_bf16 <= 2.0 * v0_gap, "update{k}: {to_bf16} from v0's bf16 update");
     }
 }
+
+#[test]
+fn the_epilogue_sees_every_tile_once_finished_and_in_column_order() {
+    if skip("the_epilogue_sees_every_tile_once_finished_and_in_column_order") {
+        return;
+    }
+    // 2 row blocks of the threads, a partial micro-panel, and columns past one epilogue tile with
+    // a partial last panel; k over one chunk of pairs, so tiles finish in a later chunk.
+    let (m, n, k) = (250, 600, 301);
+    let (a, b) = (values(m * k, 11), values(k * n, 12));
+    let mut want = vec![0f32; m * n];
+    gemm_bf16(m, n, k, &mut want, n, view(&a, m, k, false), view(&b, k, n, false), 1.0, false).unwrap();
+    let seen = std::sync::Mutex::new(vec![Vec::new(); m]);
+    let record = |i0: usize, rows: usize, j0: usize, cols: usize, tile: &mut [f32]| {
+        let mut seen = seen.lock().unwrap();
+        for r in 0..rows {
+            let row = &mut tile[r * n + j0..r * n + j0 + cols];
+            assert_eq!(row, &want[(i0 + r) * n + j0..(i0 + r) * n + j0 + cols], "tile not final");
+            row.iter_mut().for_each(|x| *x = -*x); // what the epilogue writes stays
+            seen[i0 + r].push((j0, cols));
+        }
+    };
+    let mut got = vec![0f32; m * n];
+    fused::gemm_bf16_then(
+        m,
+        n,
+        k,
+        &mut got,
+        n,
+        view(&a, m, k, false),
+        view(&b, k, n, false),
+        1.0,
+        false,
+        Some(&record),
+    )
+    .unwrap();
+    assert!(got.iter().zip(&want).all(|(g, w)| *g == -*w));
+    for (i, tiles) in seen.into_inner().unwrap().into_iter().enumerate() {
+        let mut next = 0;
+        for (j0, cols) in tiles {
+            assert_eq!(j0, next, "row {i}: tiles out of order or overlapping");
+            next = j0 + cols;
+        }
+        assert_eq!(next, n, "row {i}: tiles do not cover the row");
+    }
+}

@@ -7,9 +7,9 @@
 //! The backward reads x, W and the upstream gradient in place (no copies) and does the two
 //! products of a linear layer, dx = dy · W and dW = dyᵀ · x, each in one GEMM over all rows.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::{f32_slice, matmul, Mat};
+use super::{f32_slice, matmul, with_f32, Mat};
 
 /// `x (N, in) · wᵀ` with `w (out, in)`, on the training GEMM ([`super::bf16_matmul_active`]).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -28,16 +28,6 @@ fn dims(x: &Shape, w: &Shape) -> Result<(usize, usize, usize)> {
         candle_core::bail!("linear: input {x:?} does not fit weight {w:?}");
     }
     Ok((n, c, out))
-}
-
-/// Runs `f` on the contiguous f32 data of a CPU tensor, read in place.
-fn with_data<T>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => f(f32_slice(s, layout, "linear", what)?),
-        _ => candle_core::bail!("linear: {what} must be on the CPU"),
-    }
 }
 
 impl CustomOp2 for Linear {
@@ -66,11 +56,11 @@ impl CustomOp2 for Linear {
         }
         let mut dx = vec![0f32; n * c];
         let mut dw = vec![0f32; out * c];
-        with_data(grad_res, "gradient", |dy| {
-            with_data(w, "weight", |wv| {
+        with_f32(grad_res, "linear", "gradient", |dy| {
+            with_f32(w, "linear", "weight", |wv| {
                 matmul(n, c, out, &mut dx, c, Mat { data: dy, rs: out, cs: 1 }, Mat { data: wv, rs: c, cs: 1 })
             })?;
-            with_data(x, "x", |xv| {
+            with_f32(x, "linear", "x", |xv| {
                 matmul(out, c, n, &mut dw, c, Mat { data: dy, rs: 1, cs: out }, Mat { data: xv, rs: c, cs: 1 })
             })
         })?;

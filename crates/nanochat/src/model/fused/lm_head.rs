@@ -4,8 +4,9 @@
 //! tokens and a 32k vocabulary). Through candle, the forward allocates them, and the backward
 //! allocates their gradient and hands both to two more GEMMs: two fresh half-gigabyte buffers per
 //! step, each zeroed page by page by the kernel. Here the forward writes the logits into one buffer
-//! kept from step to step and, in one pass over each row, scores it and overwrites it with the
-//! row's gradient for a unit upstream gradient up to a per-row factor: the gradient is
+//! kept from step to step and, tile by tile as the GEMM finishes them (while they are in cache),
+//! scores each row and overwrites it with the row's gradient for a unit upstream gradient up to
+//! a per-row factor: the gradient is
 //! `G = (softmax(z) − onehot(t)) ⊙ (1 − (z/c)²)` with `z = c tanh(logits / c)`, and since z ≤ c the
 //! softmax needs no max pass, `softmax(z) = e / S` with `e = exp(z − c)`, `S = Σ e`. The row keeps
 //! `G' = S G`, and 1 / S is folded into the per-row scales the backward applies anyway: with g the
@@ -17,12 +18,14 @@
 //! GEMM (operands rounded to bf16, f32 accumulation, twice the f32 rate). Everything else here,
 //! the logits buffer, the softmax and G, stays f32.
 
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, matmul, simd, Mat};
+use super::{f32_slice, matmul, matmul_then, simd, with_f32, Mat};
 
 /// The logits buffer of the last step, kept for the next one (one at most: training needs one).
 static POOL: Mutex<Option<Vec<f32>>> = Mutex::new(None);
@@ -117,19 +120,36 @@ impl CustomOp3 for LmHeadCrossEntropy {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut buf = take_buffer(n * v);
-        matmul(n, v, c, &mut buf, v, Mat { data: x, rs: c, cs: 1 }, Mat { data: w, rs: 1, cs: c })?;
         let cap = self.cap;
+        // Per row, S so far and z at the target, as f32 bits: a row's tiles all come from one
+        // thread, the atomics only let the shared epilogue write them.
+        let sums: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+        let z_target: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+        // Each tile of logits, as soon as the GEMM has it: scored and turned into G' in place.
+        let score = |i0: usize, rows: usize, j0: usize, cols: usize, tile: &mut [f32]| {
+            for r in 0..rows {
+                let i = i0 + r;
+                let segment = &mut tile[r * v + j0..r * v + j0 + cols];
+                let Some(t) = classes[i] else {
+                    segment.fill(0.0);
+                    continue;
+                };
+                if (j0..j0 + cols).contains(&t) {
+                    z_target[i].store(simd::softcap_one(segment[t - j0], cap).to_bits(), Relaxed);
+                }
+                let sum = f32::from_bits(sums[i].load(Relaxed)) + simd::softcap_ce_row(segment, cap);
+                sums[i].store(sum.to_bits(), Relaxed);
+            }
+        };
+        let (xm, wm) = (Mat { data: x, rs: c, cs: 1 }, Mat { data: w, rs: 1, cs: c });
+        matmul_then(n, v, c, &mut buf, v, xm, wm, Some(&score))?;
         let mut losses = vec![0f32; n];
         // 1 / S per row: G = diag(1 / S) G', and the backward folds it into its row scales
         let mut inv_sums = vec![0f32; n];
-        buf.par_chunks_mut(v).zip(losses.par_iter_mut().zip(inv_sums.par_iter_mut())).zip(classes.par_iter()).for_each(
-            |((row, (loss, inv_sum)), t)| {
-                let Some(t) = *t else {
-                    row.fill(0.0);
-                    return;
-                };
-                let zt = simd::softcap(row[t], cap);
-                let sum = simd::softcap_ce_row(row, cap);
+        buf.par_chunks_mut(v).zip(losses.par_iter_mut().zip(inv_sums.par_iter_mut())).enumerate().for_each(
+            |(i, (row, (loss, inv_sum)))| {
+                let Some(t) = classes[i] else { return };
+                let (sum, zt) = (f32::from_bits(sums[i].load(Relaxed)), f32::from_bits(z_target[i].load(Relaxed)));
                 *loss = sum.ln() + cap - zt;
                 let th = zt / cap;
                 row[t] -= sum * (1.0 - th * th);
@@ -152,21 +172,26 @@ impl CustomOp3 for LmHeadCrossEntropy {
         let Some((g_buf, inv_sums)) = self.grad.lock().map_err(lock_err)?.take() else {
             candle_core::bail!("lm_head_cross_entropy: backward ran twice or before the forward");
         };
-        let data = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
-        let (xv, wv, mut g) = (data(x)?, data(w)?, data(grad_res)?);
+        let op = "lm_head_cross_entropy";
+        let mut g = grad_res.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         g.iter_mut().zip(&inv_sums).for_each(|(g, s)| *g *= s);
-        let result = (|| -> Result<(Vec<f32>, Vec<f32>)> {
+        let result = with_f32(w, op, "weight", |wv| {
             // dx = diag(g / S) (G' W)
             let mut dx = vec![0f32; n * c];
-            matmul(n, c, v, &mut dx, c, Mat { data: &g_buf, rs: v, cs: 1 }, Mat { data: &wv, rs: c, cs: 1 })?;
+            matmul(n, c, v, &mut dx, c, Mat { data: &g_buf, rs: v, cs: 1 }, Mat { data: wv, rs: c, cs: 1 })?;
             dx.par_chunks_mut(c).zip(g.par_iter()).for_each(|(row, &gi)| row.iter_mut().for_each(|d| *d *= gi));
             // dW = G'ᵀ (diag(g / S) x)
-            let mut xs = xv;
-            xs.par_chunks_mut(c).zip(g.par_iter()).for_each(|(row, &gi)| row.iter_mut().for_each(|d| *d *= gi));
+            let xs = with_f32(x, op, "x", |xv| {
+                Ok(xv
+                    .par_chunks(c)
+                    .zip(g.par_iter())
+                    .flat_map_iter(|(row, &gi)| row.iter().map(move |d| d * gi))
+                    .collect::<Vec<f32>>())
+            })?;
             let mut dw = vec![0f32; v * c];
             matmul(v, c, n, &mut dw, c, Mat { data: &g_buf, rs: 1, cs: v }, Mat { data: &xs, rs: c, cs: 1 })?;
             Ok((dx, dw))
-        })();
+        });
         return_buffer(g_buf);
         let (dx, dw) = result?;
         let dev = x.device();
