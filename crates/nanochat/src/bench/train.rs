@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use rand::{Rng, SeedableRng};
 
+use super::median;
 use crate::model::{fused, GPT};
 use crate::optim::{clip_grad_norm, muon_momentum, setup_optimizers, OptimConfig};
 
@@ -50,16 +51,6 @@ struct StepTimes {
 impl StepTimes {
     fn total(&self) -> f64 {
         self.forward + self.backward + self.optimizer
-    }
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
     }
 }
 
