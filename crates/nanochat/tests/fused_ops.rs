@@ -1,7 +1,7 @@
 //! Fused kernels against the unfused candle composition they replace: values and gradients on
 //! random shapes, odd sizes and ignored targets included.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use nanochat::model::fused::softcap_cross_entropy;
 use nanochat::model::ops::{cross_entropy_per_token, softcap};
 
@@ -91,6 +91,27 @@ fn relu_squared_matches_the_composition() {
         let (g1, g2) = (grads_of(&fused, &w, &[&x1]), grads_of(&reference, &w, &[&x2]));
         check(&format!("relu² {n} grads"), &g1[0], &g2[0], 1e-6);
     }
+}
+
+#[test]
+fn linear_matches_candle_linear() {
+    let dev = Device::Cpu;
+    for (n, c, out) in [(1usize, 1usize, 1usize), (7, 5, 3), (130, 64, 96), (33, 256, 1024)] {
+        let xr = Tensor::randn(0f32, 1.0, (n, c), &dev).unwrap();
+        let wr = Tensor::randn(0f32, 0.5, (out, c), &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+        let (x1, w1) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
+        let (x2, w2) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
+        let fused = nanochat::model::fused::linear(x1.as_tensor(), w1.as_tensor()).unwrap();
+        let reference = candle_nn::Linear::new(w2.as_tensor().clone(), None).forward(x2.as_tensor()).unwrap();
+        check(&format!("linear {n}x{c}->{out} values"), &fused, &reference, 1e-5);
+        let (g1, g2) = (grads_of(&fused, &up, &[&x1, &w1]), grads_of(&reference, &up, &[&x2, &w2]));
+        check(&format!("linear {n}x{c}->{out} dx"), &g1[0], &g2[0], 1e-5);
+        check(&format!("linear {n}x{c}->{out} dw"), &g1[1], &g2[1], 1e-5);
+    }
+    // a weight that does not fit the input is an error, not a panic
+    let x = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
+    assert!(nanochat::model::fused::linear(&x, &Tensor::zeros((3, 5), DType::F32, &dev).unwrap()).is_err());
 }
 
 /// The model's composition: rotate the halves of (B, T, H, D) by (T, 1, D/2) tables, then RMSNorm.

@@ -1,6 +1,7 @@
 //! The AVX-512 BF16 GEMM against an f64 reference computed from the bf16-rounded operands (odd
-//! shapes, every operand layout, alpha, accumulation), and the lm_head kernel with its bf16 GEMMs
-//! against its f32 path. Every test returns early, saying so, on a CPU without AVX-512 BF16.
+//! shapes, every operand layout, alpha, accumulation), the lm_head and linear kernels with their
+//! bf16 GEMMs against their f32 paths, and Muon's Newton–Schulz with bf16 GEMMs against v0's f32
+//! and bf16 iterations. Every test returns early, saying so, on a CPU without AVX-512 BF16.
 
 use candle_core::{Device, Tensor, Var};
 use nanochat::model::fused::{self, gemm_bf16, round_bf16, Mat};
@@ -132,6 +133,53 @@ fn bf16_gemm_rejects_operands_too_small() {
     assert!(gemm_bf16(2, 2, 3, &mut dst, 1, view(&a, 2, 3, false), view(&b, 3, 2, false), 1.0, false).is_err());
 }
 
+/// The bf16 switch is one per process: tests that flip it take turns.
+static SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `f` with the bf16 switch off, then on: its results under each (the switch is left off).
+fn f32_then_bf16<T>(f: impl Fn() -> T) -> (T, T) {
+    let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let run = |bf16: bool| {
+        fused::set_bf16_matmul(bf16);
+        assert_eq!(fused::bf16_matmul_active(), bf16);
+        let out = f();
+        fused::set_bf16_matmul(false);
+        out
+    };
+    (run(false), run(true))
+}
+
+/// Each bf16 result within `tol` (relative to the largest f32 magnitude) of its f32 result, and
+/// not identical to it (else the bf16 GEMM did not run).
+fn close_but_rounded(pairs: [(&str, &Tensor, &Tensor); 3], tol: f32) {
+    for (what, bf, f) in pairs {
+        let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let (diff, scale) = (max(&(bf - f).unwrap()), max(f));
+        println!("{what}: max |bf16 - f32| {diff:.2e}, max |f32| {scale:.2e}");
+        assert!(diff <= tol * scale, "{what}: bf16 differs from f32 by {diff} (scale {scale})");
+        assert!(diff > 0.0, "{what}: identical, so the bf16 GEMM did not run");
+    }
+}
+
+#[test]
+fn linear_with_bf16_gemms_matches_the_f32_path() {
+    if skip("linear_with_bf16_gemms_matches_the_f32_path") {
+        return;
+    }
+    let dev = Device::Cpu;
+    let (n, c, out) = (301, 96, 157);
+    let xr = Tensor::randn(0f32, 1.0, (n, c), &dev).unwrap();
+    let wr = Tensor::randn(0f32, 0.1, (out, c), &dev).unwrap();
+    let up = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+    let ((y32, dx32, dw32), (y16, dx16, dw16)) = f32_then_bf16(|| {
+        let (x, w) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
+        let y = fused::linear(x.as_tensor(), w.as_tensor()).unwrap();
+        let grads = y.mul(&up).unwrap().sum_all().unwrap().backward().unwrap();
+        (y.clone(), grads.get(x.as_tensor()).unwrap().clone(), grads.get(w.as_tensor()).unwrap().clone())
+    });
+    close_but_rounded([("y", &y16, &y32), ("dx", &dx16, &dx32), ("dw", &dw16, &dw32)], 1e-2);
+}
+
 #[test]
 fn lm_head_with_bf16_gemms_matches_the_f32_path() {
     if skip("lm_head_with_bf16_gemms_matches_the_f32_path") {
@@ -145,23 +193,83 @@ fn lm_head_with_bf16_gemms_matches_the_f32_path() {
     let targets = Tensor::new(targets.as_slice(), &dev).unwrap();
     // random weights on the per-token losses: a non-uniform upstream gradient
     let weights = Tensor::rand(0f32, 1.0, n, &dev).unwrap();
-    let run = |bf16: bool| {
-        fused::set_bf16_matmul(bf16);
-        assert_eq!(fused::bf16_matmul_active(), bf16);
+    let ((l32, dx32, dw32), (l16, dx16, dw16)) = f32_then_bf16(|| {
         let (x, w) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
         let losses = fused::lm_head_cross_entropy(x.as_tensor(), w.as_tensor(), &targets, 15.0).unwrap();
         let grads = losses.mul(&weights).unwrap().sum_all().unwrap().backward().unwrap();
-        let (dx, dw) = (grads.get(x.as_tensor()).unwrap().clone(), grads.get(w.as_tensor()).unwrap().clone());
-        fused::set_bf16_matmul(false);
-        (losses, dx, dw)
+        (losses, grads.get(x.as_tensor()).unwrap().clone(), grads.get(w.as_tensor()).unwrap().clone())
+    });
+    close_but_rounded([("losses", &l16, &l32), ("dx", &dx16, &dx32), ("dw", &dw16, &dw32)], 1e-2);
+}
+
+#[test]
+fn muon_with_bf16_gemms_stays_within_v0s_bf16_gap() {
+    if skip("muon_with_bf16_gemms_stays_within_v0s_bf16_gap") {
+        return;
+    }
+    let path =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/optim/muon.safetensors");
+    let f = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let get =
+        |k: &str| f.get(k).unwrap_or_else(|| panic!("fixture has no {k}")).to_dtype(candle_core::DType::F32).unwrap();
+    let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    for k in [1, 2] {
+        let gn = get(&format!("gn{k}"));
+        let (fp32, bf16) = (get(&format!("fp32.update{k}")), get(&format!("bf16.update{k}")));
+        let (ours32, ours16) = f32_then_bf16(|| nanochat::optim::muon::zeropower_via_newtonschulz5(&gn, 5).unwrap());
+        let v0_gap = max(&(&bf16 - &fp32).unwrap());
+        let (to_fp32, to_bf16) = (max(&(&ours16 - &fp32).unwrap()), max(&(&ours16 - &bf16).unwrap()));
+        println!("update{k}: v0 bf16 vs fp32 {v0_gap:.2e}; ours with bf16 GEMMs vs v0 fp32 {to_fp32:.2e}, vs v0 bf16 {to_bf16:.2e}; scale {:.2e}", max(&fp32));
+        assert!(max(&(&ours32 - &fp32).unwrap()) <= 2e-6, "the f32 path moved");
+        assert!(to_fp32 > 0.0, "identical to f32: the bf16 GEMM did not run");
+        // rounding only the products' operands stays closer to f32 than v0's all-bf16 iteration
+        assert!(to_fp32 <= v0_gap, "update{k}: {to_fp32} from f32, more than v0's bf16 ({v0_gap})");
+        assert!(to_bf16 <= 2.0 * v0_gap, "update{k}: {to_bf16} from v0's bf16 update");
+    }
+}
+
+#[test]
+fn the_epilogue_sees_every_tile_once_finished_and_in_column_order() {
+    if skip("the_epilogue_sees_every_tile_once_finished_and_in_column_order") {
+        return;
+    }
+    // 2 row blocks of the threads, a partial micro-panel, and columns past one epilogue tile with
+    // a partial last panel; k over one chunk of pairs, so tiles finish in a later chunk.
+    let (m, n, k) = (250, 600, 301);
+    let (a, b) = (values(m * k, 11), values(k * n, 12));
+    let mut want = vec![0f32; m * n];
+    gemm_bf16(m, n, k, &mut want, n, view(&a, m, k, false), view(&b, k, n, false), 1.0, false).unwrap();
+    let seen = std::sync::Mutex::new(vec![Vec::new(); m]);
+    let record = |i0: usize, rows: usize, j0: usize, cols: usize, tile: &mut [f32]| {
+        let mut seen = seen.lock().unwrap();
+        for r in 0..rows {
+            let row = &mut tile[r * n + j0..r * n + j0 + cols];
+            assert_eq!(row, &want[(i0 + r) * n + j0..(i0 + r) * n + j0 + cols], "tile not final");
+            row.iter_mut().for_each(|x| *x = -*x); // what the epilogue writes stays
+            seen[i0 + r].push((j0, cols));
+        }
     };
-    let (l32, dx32, dw32) = run(false);
-    let (l16, dx16, dw16) = run(true);
-    for (what, bf, f) in [("losses", &l16, &l32), ("dx", &dx16, &dx32), ("dw", &dw16, &dw32)] {
-        let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let (diff, scale) = (max(&(bf - f).unwrap()), max(f));
-        println!("{what}: max |bf16 - f32| {diff:.2e}, max |f32| {scale:.2e}");
-        assert!(diff <= 1e-2 * scale, "{what}: bf16 differs from f32 by {diff} (scale {scale})");
-        assert!(diff > 0.0, "{what}: identical, so the bf16 GEMM did not run");
+    let mut got = vec![0f32; m * n];
+    fused::gemm_bf16_then(
+        m,
+        n,
+        k,
+        &mut got,
+        n,
+        view(&a, m, k, false),
+        view(&b, k, n, false),
+        1.0,
+        false,
+        Some(&record),
+    )
+    .unwrap();
+    assert!(got.iter().zip(&want).all(|(g, w)| *g == -*w));
+    for (i, tiles) in seen.into_inner().unwrap().into_iter().enumerate() {
+        let mut next = 0;
+        for (j0, cols) in tiles {
+            assert_eq!(j0, next, "row {i}: tiles out of order or overlapping");
+            next = j0 + cols;
+        }
+        assert_eq!(next, n, "row {i}: tiles do not cover the row");
     }
 }

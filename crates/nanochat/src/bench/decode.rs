@@ -300,8 +300,7 @@ fn build_model(args: &DecodeBenchArgs, tokenizer: Option<&bpe::Tokenizer>) -> Re
 fn median(runs: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
     f()?;
     let mut times = (0..runs).map(|_| f()).collect::<Result<Vec<f64>>>()?;
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    Ok(super::median(&mut times))
 }
 
 /// First index of the largest logit, as greedy sampling picks it.

@@ -3,6 +3,7 @@
 //! the PyTorch reference (`bench/torch_reference.py`).
 
 pub mod decode;
+pub mod gemm;
 pub mod train;
 
 use anyhow::Result;
@@ -52,11 +53,26 @@ pub enum BenchCommand {
     Train(train::TrainBenchArgs),
     /// Inference: time to first token and decode tokens/s at several batch sizes.
     Decode(decode::DecodeBenchArgs),
+    /// GEMM GFLOP/s (f32, and bf16 where the CPU has AVX-512 BF16) at the training step's shapes:
+    /// the measured peak for the step's figures.
+    Gemm(gemm::GemmBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train(args) => train::run(&args),
         BenchCommand::Decode(args) => decode::run(&args),
+        BenchCommand::Gemm(args) => gemm::run(&args),
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count); reorders them.
+pub(crate) fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
     }
 }

@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use rand::{Rng, SeedableRng};
 
+use super::median;
 use crate::model::{fused, GPT};
 use crate::optim::{clip_grad_norm, muon_momentum, setup_optimizers, OptimConfig};
 
@@ -32,8 +33,9 @@ pub struct TrainBenchArgs {
     /// Run the unfused candle composition instead of the fused CPU kernels, for comparison.
     #[arg(long)]
     pub unfused: bool,
-    /// Run the lm_head's three GEMMs in bf16 (AVX-512 BF16, f32 accumulation) where the CPU has
-    /// it; weights, optimizer state and the rest of the step stay f32.
+    /// Run the step's GEMMs (the blocks' projections and the lm_head, forward and backward) in bf16
+    /// (AVX-512 BF16, f32 accumulation) where the CPU has it; weights, optimizer state and the rest
+    /// of the step stay f32.
     #[arg(long)]
     pub bf16: bool,
 }
@@ -52,27 +54,17 @@ impl StepTimes {
     }
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
 pub fn run(args: &TrainBenchArgs) -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
     fused::set_enabled(!args.unfused);
     fused::set_bf16_matmul(args.bf16);
-    // the lm_head kernel that reads the switch is only used with the fused kernels on
+    // the kernels that read the switch are only used with the fused kernels on
     let bf16_active = fused::bf16_matmul_active() && !args.unfused;
     if args.bf16 && !bf16_active {
         eprintln!(
-            "bench train: --bf16 asked for, but {}: the lm_head stays f32",
+            "bench train: --bf16 asked for, but {}: the GEMMs stay f32",
             if args.unfused { "the unfused path has no bf16 GEMM" } else { "this CPU lacks AVX-512 BF16" }
         );
     }
@@ -86,7 +78,7 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let threads = rayon::current_num_threads();
     eprintln!(
-        "bench train: {} params, {} layers, n_embd {}, heads {}/{} (q/kv), seq {t}, batch {b}, vocab {}, {} kernels, lm_head GEMMs in {}, {threads} threads",
+        "bench train: {} params, {} layers, n_embd {}, heads {}/{} (q/kv), seq {t}, batch {b}, vocab {}, {} kernels, GEMMs in {}, {threads} threads",
         config.num_params(),
         config.n_layer,
         config.n_embd,
@@ -175,7 +167,7 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
         "batch": b,
         "vocab": config.vocab_size,
         "threads": threads,
-        "bf16_lm_head": bf16_active,
+        "bf16_gemm": bf16_active,
         "steps": args.steps,
         "median_step_s": step_s,
         "forward_s": fwd,

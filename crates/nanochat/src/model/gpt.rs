@@ -180,6 +180,19 @@ fn use_fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && fused::enabled()
 }
 
+/// `x · Wᵀ` over the last dimension of `x`, through the fused linear (and the training GEMM,
+/// see `fused/linear.rs`) on the CPU.
+fn project(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    if !use_fused(x) {
+        return layer.forward(x);
+    }
+    let c = x.dim(D::Minus1)?;
+    let mut dims = x.dims().to_vec();
+    dims.pop();
+    dims.push(layer.weight().dim(0)?);
+    fused::linear(&x.reshape(((), c))?, layer.weight())?.reshape(dims)
+}
+
 /// RMSNorm, fused on the CPU.
 fn norm(x: &Tensor) -> Result<Tensor> {
     if use_fused(x) {
@@ -219,16 +232,16 @@ impl CausalSelfAttention {
         let (b, t, c) = x.dims3()?;
         let (h, hkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         // project and split heads: q (B, T, H, D), k and v (B, T, Hkv, D)
-        let q = self.c_q.forward(x)?.reshape((b, t, h, hd))?;
-        let k = self.c_k.forward(x)?.reshape((b, t, hkv, hd))?;
-        let v = self.c_v.forward(x)?.reshape((b, t, hkv, hd))?;
+        let q = project(&self.c_q, x)?.reshape((b, t, h, hd))?;
+        let k = project(&self.c_k, x)?.reshape((b, t, hkv, hd))?;
+        let v = project(&self.c_v, x)?.reshape((b, t, hkv, hd))?;
         if ctx.fused && cache.is_none() {
             // Fused kernels in the projections' (B, T, heads, D) layout: no transposes, no (T x T)
             // intermediates. The cached path (a prefix of past keys) keeps the composition below.
             let q = fused::rope_qk_norm(&q, &ctx.cos, &ctx.sin)?;
             let k = fused::rope_qk_norm(&k, &ctx.cos, &ctx.sin)?;
             let y = fused::causal_attention(&q, &k, &v)?.reshape((b, t, c))?;
-            return self.c_proj.forward(&y);
+            return project(&self.c_proj, &y);
         }
         // rotary, then QK-norm, then heads first: q (B, H, T, D), k and v (B, Hkv, T, D)
         let q = rms_norm(&apply_rotary(&q, &ctx.cos, &ctx.sin)?)?;
@@ -258,7 +271,7 @@ impl CausalSelfAttention {
 
         // heads back together: (B, H, T, D) -> (B, T, H*D)
         let y = y.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, c))?;
-        self.c_proj.forward(&y)
+        project(&self.c_proj, &y)
     }
 }
 
@@ -275,9 +288,9 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // (B, T, C) -> (B, T, 4C) -> relu² -> (B, T, C)
-        let h = self.c_fc.forward(x)?;
+        let h = project(&self.c_fc, x)?;
         let h = if use_fused(&h) { fused::relu_squared(&h)? } else { h.relu()?.sqr()? };
-        self.c_proj.forward(&h)
+        project(&self.c_proj, &h)
     }
 }
 

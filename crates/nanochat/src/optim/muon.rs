@@ -1,8 +1,9 @@
 //! Muon (MomentUm Orthogonalized by Newton-Schulz), as v0 `muon.py` runs it on one device: SGD
 //! with Nesterov momentum whose update is replaced by the nearest semi-orthogonal matrix,
 //! approximated by 5 steps of a quintic Newton-Schulz iteration. For the 2-D matrices of the
-//! transformer blocks only. The iteration runs in f32 (v0 runs it in bf16 on the GPU; the f32
-//! variant of the fixture is the parity target).
+//! transformer blocks only. The iteration runs in f32 (the f32 variant of the fixture is the
+//! parity target); v0 runs it in bf16, which on the CPU it does here too when the training GEMM
+//! is bf16 ([`crate::model::fused::set_bf16_matmul`]): the products' operands are rounded to bf16.
 
 use std::collections::HashMap;
 
@@ -10,6 +11,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 
 use super::ParamGroup;
+use crate::model::fused;
 
 /// Quintic coefficients (a, b, c) of v0, tuned to maximise the slope at zero.
 const NS_COEFFS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315);
@@ -37,7 +39,6 @@ pub fn momentum_update(buf: &Tensor, g: &Tensor, momentum: f64, nesterov: bool) 
 /// Approximately orthogonalises `g` (rows, cols): U V^T of its SVD, up to singular values in
 /// roughly [0.7, 1.2], which is what Muon needs and far cheaper than an SVD.
 pub fn zeropower_via_newtonschulz5(g: &Tensor, steps: usize) -> Result<Tensor> {
-    let (a, b, c) = NS_COEFFS;
     let (rows, cols) = g.dims2()?;
     let tall = rows > cols;
     // Work on the wide orientation so X X^T is the smaller Gram matrix.
@@ -45,18 +46,52 @@ pub fn zeropower_via_newtonschulz5(g: &Tensor, steps: usize) -> Result<Tensor> {
     if tall {
         x = x.t()?.contiguous()?;
     }
-    // Frobenius normalisation puts every singular value in [0, 1], where the iteration converges.
-    let norm = x.sqr()?.sum_all()?.sqrt()?;
-    x = x.broadcast_div(&(norm + 1e-7)?)?;
-    for _ in 0..steps {
-        let gram = x.matmul(&x.t()?)?; // A = X X^T
-        let poly = ((&gram * b)? + (&gram * c)?.matmul(&gram)?)?; // B = b A + (c A) A
-        x = ((&x * a)? + poly.matmul(&x)?)?; // X = a X + B X
-    }
+    x = if x.device().is_cpu() && fused::enabled() {
+        newton_schulz_cpu(&x, steps)?
+    } else {
+        let (a, b, c) = NS_COEFFS;
+        // Frobenius normalisation puts every singular value in [0, 1], where the iteration
+        // converges.
+        let norm = x.sqr()?.sum_all()?.sqrt()?;
+        x = x.broadcast_div(&(norm + 1e-7)?)?;
+        for _ in 0..steps {
+            let gram = x.matmul(&x.t()?)?; // A = X X^T
+            let poly = ((&gram * b)? + (&gram * c)?.matmul(&gram)?)?; // B = b A + (c A) A
+            x = ((&x * a)? + poly.matmul(&x)?)?; // X = a X + B X
+        }
+        x
+    };
     if tall {
         x = x.t()?.contiguous()?;
     }
     Ok(x)
+}
+
+fn mat(data: &[f32], rs: usize, cs: usize) -> fused::Mat<'_> {
+    fused::Mat { data, rs, cs }
+}
+
+/// The same iteration, f32 operation for f32 operation, over plain buffers on the CPU through the
+/// training GEMM (`fused::matmul`: f32, or bf16 operands like v0's bf16 iteration): a tensor per
+/// operation costs more than the products themselves at these sizes (24 matrices of 256 × 256
+/// to 256 × 1,024 per step at depth 4, each with 5 × 6 operations).
+fn newton_schulz_cpu(x: &Tensor, steps: usize) -> Result<Tensor> {
+    let (a, b, c) = (NS_COEFFS.0 as f32, NS_COEFFS.1 as f32, NS_COEFFS.2 as f32);
+    let (m, n) = x.dims2()?;
+    let mut x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    let norm = x.iter().map(|v| v * v).sum::<f32>().sqrt() + 1e-7;
+    x.iter_mut().for_each(|v| *v /= norm);
+    let (mut gram, mut scaled, mut poly, mut bx) =
+        (vec![0f32; m * m], vec![0f32; m * m], vec![0f32; m * m], vec![0f32; m * n]);
+    for _ in 0..steps {
+        fused::matmul(m, m, n, &mut gram, m, mat(&x, n, 1), mat(&x, 1, n))?; // A = X X^T
+        scaled.iter_mut().zip(&gram).for_each(|(s, g)| *s = g * c);
+        fused::matmul(m, m, m, &mut poly, m, mat(&scaled, m, 1), mat(&gram, m, 1))?;
+        poly.iter_mut().zip(&gram).for_each(|(p, g)| *p += g * b); // B = b A + (c A) A
+        fused::matmul(m, n, m, &mut bx, n, mat(&poly, m, 1), mat(&x, n, 1))?;
+        x.iter_mut().zip(&bx).for_each(|(x, bx)| *x = *x * a + bx); // X = a X + B X
+    }
+    Tensor::from_vec(x, (m, n), &candle_core::Device::Cpu)
 }
 
 /// Muon over one group of 2-D parameters. State: one momentum buffer per parameter.

@@ -1,4 +1,4 @@
-//! A bf16 GEMM on AVX-512 BF16 for the lm_head products of training (issue 10): `C = alpha · A · B
+//! A bf16 GEMM on AVX-512 BF16 for the products of training (issue 10): `C = alpha · A · B
 //! [+ C]` with both operands rounded to bf16 (round to nearest even) while they are packed, and the
 //! products accumulated in f32 by `vdpbf16ps`, which does 32 multiply-adds per instruction: twice
 //! the f32 FMA rate of the same vector width. Only the operands lose precision; the accumulators,
@@ -12,7 +12,8 @@
 //! (one `u32` per pair, the lower k in the low half), an odd k padded with a zero.
 //!
 //! The kernels only run when the CPU has AVX-512 BF16 (checked at run time); [`set_bf16_matmul`]
-//! turns them on for the lm_head, which otherwise, and on other CPUs, keeps the f32 GEMM.
+//! turns them on for the training products (`linear.rs`, `lm_head.rs`), which otherwise, and on
+//! other CPUs, keep the f32 GEMM.
 
 // Off x86-64 only the switch and the rounding are used: the GEMM reports no support there.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -35,14 +36,17 @@ const KCP: usize = 128;
 /// The most rows of C one task takes: its chunk of packed A (MC × KCP × 4 = 120 KiB) and, for the
 /// narrow backward products, its 240-row tile of C stay in L2 from chunk to chunk.
 const MC_MAX: usize = 240;
+/// Column panels per epilogue tile: 240 rows × 256 columns × 4 bytes = 240 KiB, in L2 next to
+/// the packed A.
+const EPILOGUE_PANELS: usize = 8;
 
-/// Whether the lm_head uses this GEMM (when the CPU can): off by default, so that numerics are
+/// Whether the training products use this GEMM (when the CPU can): off by default, so that numerics are
 /// those of the f32 path unless asked for.
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
-/// Makes the lm_head's three products (logits, and the two of its backward) use the bf16 GEMM
-/// when the CPU has AVX-512 BF16, for every model in this process. Off, or on other CPUs, they
-/// stay f32.
+/// Makes the training products (the blocks' projections and the lm_head, forward and backward)
+/// use the bf16 GEMM when the CPU has AVX-512 BF16, for every model in this process. Off, or on
+/// other CPUs, they stay f32.
 pub fn set_bf16_matmul(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
@@ -105,6 +109,31 @@ pub fn gemm_bf16(
     alpha: f32,
     accumulate: bool,
 ) -> Result<()> {
+    gemm_bf16_then(m, n, k, dst, dst_rs, a, b, alpha, accumulate, None)
+}
+
+/// What to do with each finished tile of C, on the thread that computed it, while the tile is
+/// still in its L2: `(i0, rows, j0, cols, c)` where `c` holds rows i0 .. i0 + rows of C (row
+/// stride dst_rs, starting at row i0) and the tile is their columns j0 .. j0 + cols. The tiles
+/// cover C once, each row's tiles in column order.
+pub type Epilogue<'a> = &'a (dyn Fn(usize, usize, usize, usize, &mut [f32]) + Sync);
+
+/// [`gemm_bf16`], then `epilogue` on every tile of C as soon as it is final: a pass over C that
+/// would otherwise read it back from memory (the lm_head's logits are 537 MB) runs on data in
+/// cache.
+#[allow(clippy::too_many_arguments)] // the BLAS shape, and the epilogue
+pub fn gemm_bf16_then(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    alpha: f32,
+    accumulate: bool,
+    epilogue: Option<Epilogue>,
+) -> Result<()> {
     if !bf16_supported() {
         candle_core::bail!("gemm_bf16: this CPU lacks AVX-512 BF16");
     }
@@ -125,6 +154,9 @@ pub fn gemm_bf16(
     if k == 0 {
         if !accumulate {
             dst.par_chunks_mut(dst_rs).for_each(|row| row[..n].fill(0.0));
+        }
+        if let Some(epilogue) = epilogue {
+            dst.par_chunks_mut(dst_rs).enumerate().for_each(|(i, row)| epilogue(i, 1, 0, n, row));
         }
         return Ok(());
     }
@@ -149,7 +181,7 @@ pub fn gemm_bf16(
         let threads = rayon::current_num_threads().max(1);
         let tasks = m.div_ceil(MC_MAX).max((threads * 2).min(m.div_ceil(MR)));
         let mc = m.div_ceil(tasks).next_multiple_of(MR);
-        let job = Job { n, k, kp, dst_rs, a, packed_b: &packed_b, alpha, accumulate };
+        let job = Job { n, k, kp, dst_rs, a, packed_b: &packed_b, alpha, accumulate, epilogue };
         dst.par_chunks_mut(mc * dst_rs).enumerate().for_each(|(t, c)| {
             let i0 = t * mc;
             // SAFETY: as above for the features; `c` holds rows i0.. of C, at most mc of them, the
@@ -161,7 +193,7 @@ pub fn gemm_bf16(
     #[cfg(not(target_arch = "x86_64"))]
     {
         // bf16_supported() is false off x86-64, so this is not reached
-        let _ = (a, b, alpha, accumulate);
+        let _ = (a, b, alpha, accumulate, epilogue);
         candle_core::bail!("gemm_bf16: no AVX-512 BF16 off x86-64")
     }
 }
@@ -185,6 +217,7 @@ struct Job<'a> {
     packed_b: &'a [u32],
     alpha: f32,
     accumulate: bool,
+    epilogue: Option<Epilogue<'a>>,
 }
 
 // The AVX-512 intrinsics and target features are stable since Rust 1.89, the workspace's
@@ -193,7 +226,7 @@ struct Job<'a> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{bf16_bits, Job, Strided, KCP, MR, NR};
+    use super::{bf16_bits, Job, Strided, EPILOGUE_PANELS, KCP, MR, NR};
 
     /// The low `n` bits set (n ≤ 16).
     #[inline(always)]
@@ -380,7 +413,7 @@ mod x86 {
         out
     }
 
-    /// [`pack`] for any strides (no lm_head operand needs it), element by element.
+    /// [`pack`] for any strides (no training operand needs it), element by element.
     #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl")]
     unsafe fn pack_strided(dst: &mut [u32], width: usize, src: &Strided, rows: usize, kvalid: usize, pairs: usize) {
         let x = |r: usize, kk: usize| {
@@ -440,6 +473,12 @@ mod x86 {
                             load_c,
                         )
                     };
+                }
+                // the last chunk of k finishes the tile: hand it over while it is in L2
+                let last = jr + 1 == panels || (jr + 1) % EPILOGUE_PANELS == 0;
+                if let (Some(epilogue), true, true) = (job.epilogue, p0 + pairs == kp, last) {
+                    let j0 = (jr - jr % EPILOGUE_PANELS) * NR;
+                    epilogue(i0, rows, j0, jr * NR + cols - j0, c);
                 }
             }
             p0 += pairs;

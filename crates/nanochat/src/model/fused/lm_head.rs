@@ -4,23 +4,28 @@
 //! tokens and a 32k vocabulary). Through candle, the forward allocates them, and the backward
 //! allocates their gradient and hands both to two more GEMMs: two fresh half-gigabyte buffers per
 //! step, each zeroed page by page by the kernel. Here the forward writes the logits into one buffer
-//! kept from step to step, scores each row, and overwrites the row in place with the row's
-//! gradient for a unit upstream gradient, `G = (softmax(z) − onehot(t)) ⊙ (1 − (z/c)²)` with
-//! `z = c tanh(logits / c)`. The backward only scales: with g the per-token upstream gradient,
-//! dx = diag(g) G W and dW = Gᵀ diag(g) x, so G is never rescaled, and the buffer goes back to the
-//! pool for the next step.
+//! kept from step to step and, tile by tile as the GEMM finishes them (while they are in cache),
+//! scores each row and overwrites it with the row's gradient for a unit upstream gradient up to
+//! a per-row factor: the gradient is
+//! `G = (softmax(z) − onehot(t)) ⊙ (1 − (z/c)²)` with `z = c tanh(logits / c)`, and since z ≤ c the
+//! softmax needs no max pass, `softmax(z) = e / S` with `e = exp(z − c)`, `S = Σ e`. The row keeps
+//! `G' = S G`, and 1 / S is folded into the per-row scales the backward applies anyway: with g the
+//! per-token upstream gradient, dx = diag(g / S) G' W and dW = G'ᵀ diag(g / S) x. G' is never
+//! rescaled, and the buffer goes back to the pool for the next step.
 //!
 //! These three products are about two thirds of a training step's matmul FLOPs at the benchmark
 //! shape; with [`super::set_bf16_matmul`] on and a CPU with AVX-512 BF16 they run on the bf16
 //! GEMM (operands rounded to bf16, f32 accumulation, twice the f32 rate). Everything else here,
 //! the logits buffer, the softmax and G, stays f32.
 
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{bf16_matmul_active, f32_slice, gemm_bf16, gemm_parallel, simd, Mat};
+use super::{f32_slice, matmul, matmul_then, simd, with_f32, Mat};
 
 /// The logits buffer of the last step, kept for the next one (one at most: training needs one).
 static POOL: Mutex<Option<Vec<f32>>> = Mutex::new(None);
@@ -44,16 +49,6 @@ fn return_buffer(buf: Vec<f32>) {
     }
 }
 
-/// `dst (m x n) = a (m x k) · b (k x n)` on all threads: the bf16 GEMM when it is on and the CPU
-/// has it, the f32 one otherwise.
-fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat) -> Result<()> {
-    if bf16_matmul_active() {
-        gemm_bf16(m, n, k, dst, dst_rs, a, b, 1.0, false)
-    } else {
-        gemm_parallel(m, n, k, dst, dst_rs, a, b, 1.0)
-    }
-}
-
 /// Per-token softcapped cross-entropy of `x (N, C) · wᵀ` with `w (V, C)` the lm_head weight,
 /// against `targets (N,)` (-1 = ignored, loss 0). Returns the losses (N,).
 pub fn lm_head_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, cap: f32) -> Result<Tensor> {
@@ -65,15 +60,16 @@ pub fn lm_head_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, cap: f32)
 
 struct LmHeadCrossEntropy {
     cap: f32,
-    /// G (N × V) from the forward, consumed by the backward.
-    grad: Mutex<Option<Vec<f32>>>,
+    /// G' (N × V) and 1 / S per row from the forward (G = diag(1 / S) G'), consumed by the
+    /// backward.
+    grad: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl Drop for LmHeadCrossEntropy {
     fn drop(&mut self) {
         // A forward without backward (evaluation) still hands its buffer back.
         if let Ok(mut g) = self.grad.lock() {
-            if let Some(buf) = g.take() {
+            if let Some((buf, _)) = g.take() {
                 return_buffer(buf);
             }
         }
@@ -124,24 +120,43 @@ impl CustomOp3 for LmHeadCrossEntropy {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut buf = take_buffer(n * v);
-        matmul(n, v, c, &mut buf, v, Mat { data: x, rs: c, cs: 1 }, Mat { data: w, rs: 1, cs: c })?;
         let cap = self.cap;
+        // Per row, S so far and z at the target, as f32 bits: a row's tiles all come from one
+        // thread, the atomics only let the shared epilogue write them.
+        let sums: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+        let z_target: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+        // Each tile of logits, as soon as the GEMM has it: scored and turned into G' in place.
+        let score = |i0: usize, rows: usize, j0: usize, cols: usize, tile: &mut [f32]| {
+            for r in 0..rows {
+                let i = i0 + r;
+                let segment = &mut tile[r * v + j0..r * v + j0 + cols];
+                let Some(t) = classes[i] else {
+                    segment.fill(0.0);
+                    continue;
+                };
+                if (j0..j0 + cols).contains(&t) {
+                    z_target[i].store(simd::softcap_one(segment[t - j0], cap).to_bits(), Relaxed);
+                }
+                let sum = f32::from_bits(sums[i].load(Relaxed)) + simd::softcap_ce_row(segment, cap);
+                sums[i].store(sum.to_bits(), Relaxed);
+            }
+        };
+        let (xm, wm) = (Mat { data: x, rs: c, cs: 1 }, Mat { data: w, rs: 1, cs: c });
+        matmul_then(n, v, c, &mut buf, v, xm, wm, Some(&score))?;
         let mut losses = vec![0f32; n];
-        buf.par_chunks_mut(v).zip(losses.par_iter_mut()).zip(classes.par_iter()).for_each(|((row, loss), t)| {
-            let Some(t) = *t else {
-                row.fill(0.0);
-                return;
-            };
-            // z = c tanh(logit / c) in place, the loss, then z -> G in place
-            let max = simd::softcap_max(row, cap);
-            let zt = row[t];
-            let lse = max + simd::sum_exp(row, max).ln();
-            *loss = lse - zt;
-            simd::softcap_ce_grad(row, lse, cap);
-            let th = zt / cap;
-            row[t] -= 1.0 - th * th;
-        });
-        *self.grad.lock().map_err(lock_err)? = Some(buf);
+        // 1 / S per row: G = diag(1 / S) G', and the backward folds it into its row scales
+        let mut inv_sums = vec![0f32; n];
+        buf.par_chunks_mut(v).zip(losses.par_iter_mut().zip(inv_sums.par_iter_mut())).enumerate().for_each(
+            |(i, (row, (loss, inv_sum)))| {
+                let Some(t) = classes[i] else { return };
+                let (sum, zt) = (f32::from_bits(sums[i].load(Relaxed)), f32::from_bits(z_target[i].load(Relaxed)));
+                *loss = sum.ln() + cap - zt;
+                let th = zt / cap;
+                row[t] -= sum * (1.0 - th * th);
+                *inv_sum = 1.0 / sum;
+            },
+        );
+        *self.grad.lock().map_err(lock_err)? = Some((buf, inv_sums));
         Ok((CpuStorage::F32(losses), Shape::from(n)))
     }
 
@@ -154,23 +169,29 @@ impl CustomOp3 for LmHeadCrossEntropy {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, v) = dims(x.shape(), w.shape(), targets.shape())?;
-        let Some(g_buf) = self.grad.lock().map_err(lock_err)?.take() else {
+        let Some((g_buf, inv_sums)) = self.grad.lock().map_err(lock_err)?.take() else {
             candle_core::bail!("lm_head_cross_entropy: backward ran twice or before the forward");
         };
-        let data = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
-        let (xv, wv, g) = (data(x)?, data(w)?, data(grad_res)?);
-        let result = (|| -> Result<(Vec<f32>, Vec<f32>)> {
-            // dx = diag(g) (G W)
+        let op = "lm_head_cross_entropy";
+        let mut g = grad_res.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        g.iter_mut().zip(&inv_sums).for_each(|(g, s)| *g *= s);
+        let result = with_f32(w, op, "weight", |wv| {
+            // dx = diag(g / S) (G' W)
             let mut dx = vec![0f32; n * c];
-            matmul(n, c, v, &mut dx, c, Mat { data: &g_buf, rs: v, cs: 1 }, Mat { data: &wv, rs: c, cs: 1 })?;
+            matmul(n, c, v, &mut dx, c, Mat { data: &g_buf, rs: v, cs: 1 }, Mat { data: wv, rs: c, cs: 1 })?;
             dx.par_chunks_mut(c).zip(g.par_iter()).for_each(|(row, &gi)| row.iter_mut().for_each(|d| *d *= gi));
-            // dW = Gᵀ (diag(g) x)
-            let mut xs = xv;
-            xs.par_chunks_mut(c).zip(g.par_iter()).for_each(|(row, &gi)| row.iter_mut().for_each(|d| *d *= gi));
+            // dW = G'ᵀ (diag(g / S) x)
+            let xs = with_f32(x, op, "x", |xv| {
+                Ok(xv
+                    .par_chunks(c)
+                    .zip(g.par_iter())
+                    .flat_map_iter(|(row, &gi)| row.iter().map(move |d| d * gi))
+                    .collect::<Vec<f32>>())
+            })?;
             let mut dw = vec![0f32; v * c];
             matmul(v, c, n, &mut dw, c, Mat { data: &g_buf, rs: 1, cs: v }, Mat { data: &xs, rs: c, cs: 1 })?;
             Ok((dx, dw))
-        })();
+        });
         return_buffer(g_buf);
         let (dx, dw) = result?;
         let dev = x.device();

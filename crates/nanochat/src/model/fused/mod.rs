@@ -10,11 +10,13 @@
 //! - `relu2`: the MLP's ReLU²
 //! - `cross_entropy`: softcap + cross-entropy over the vocabulary
 //! - `lm_head`: the lm_head projection fused with softcap + cross-entropy (one reused logits buffer)
-//! - `gemm_bf16`: an AVX-512 BF16 GEMM the lm_head's products can use ([`set_bf16_matmul`])
+//! - `linear`: the blocks' projections, forward and backward, on the training GEMM
+//! - `gemm_bf16`: an AVX-512 BF16 GEMM the training products can use ([`set_bf16_matmul`])
 
 mod attention;
 mod cross_entropy;
 mod gemm_bf16;
+mod linear;
 mod lm_head;
 mod norm;
 mod relu2;
@@ -23,17 +25,21 @@ mod simd;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+use rayon::prelude::*;
 
 pub use attention::causal_attention;
 pub use cross_entropy::softcap_cross_entropy;
-pub use gemm_bf16::{bf16_matmul_active, bf16_supported, gemm_bf16, round_bf16, set_bf16_matmul};
+pub use gemm_bf16::{
+    bf16_matmul_active, bf16_supported, gemm_bf16, gemm_bf16_then, round_bf16, set_bf16_matmul, Epilogue,
+};
 
 /// `cap * tanh(x / cap)` in place, vectorised (AVX2 + FMA when the CPU has them): the softcap the
 /// lm_head kernels apply, shared with the native decode path.
 pub fn softcap_in_place(xs: &mut [f32], cap: f32) {
     simd::softcap_max(xs, cap);
 }
+pub use linear::linear;
 pub use lm_head::lm_head_cross_entropy;
 pub use norm::rms_norm;
 pub use relu2::relu_squared;
@@ -151,10 +157,50 @@ pub(crate) fn gemm_parallel(
     gemm_with(m, n, k, dst, dst_rs, a, b, scale, false, gemm::Parallelism::Rayon(rayon::current_num_threads()))
 }
 
+/// `dst (m x n, row stride dst_rs) = a (m x k) · b (k x n)` on all threads, the training GEMM:
+/// the bf16 one when it is on and the CPU has it ([`bf16_matmul_active`]), the f32 one otherwise.
+pub(crate) fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat) -> Result<()> {
+    matmul_then(m, n, k, dst, dst_rs, a, b, None)
+}
+
+/// [`matmul`], then `epilogue` over every tile of the product (see [`gemm_bf16::Epilogue`]): on
+/// tiles still in cache with the bf16 GEMM, on whole rows after the f32 one.
+#[allow(clippy::too_many_arguments)] // the BLAS shape, and the epilogue
+pub(crate) fn matmul_then(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+    epilogue: Option<Epilogue>,
+) -> Result<()> {
+    if bf16_matmul_active() {
+        return gemm_bf16_then(m, n, k, dst, dst_rs, a, b, 1.0, false, epilogue);
+    }
+    gemm_parallel(m, n, k, dst, dst_rs, a, b, 1.0)?;
+    if let Some(epilogue) = epilogue {
+        dst.par_chunks_mut(dst_rs).take(m).enumerate().for_each(|(i, row)| epilogue(i, 1, 0, n, row));
+    }
+    Ok(())
+}
+
 /// The contiguous f32 data of a CPU tensor, or an error naming the op and the operand.
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
         _ => candle_core::bail!("{op}: {what} must be contiguous f32"),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor, read in place (no copy unless the tensor
+/// is not contiguous), for the backward passes, which get their operands as tensors.
+pub(crate) fn with_f32<T>(t: &Tensor, op: &str, what: &str, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => f(f32_slice(s, layout, op, what)?),
+        _ => candle_core::bail!("{op}: {what} must be on the CPU"),
     }
 }
