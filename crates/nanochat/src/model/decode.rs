@@ -449,6 +449,15 @@ impl DecodeModel {
     /// their keys and values into the cache and the logits of the tokens from `logits_from` on
     /// into `scratch.logits`. The caller has validated slots, positions and tokens.
     fn forward(&self, cache: &mut DecodeCache, logits_from: usize) {
+        // The pass runs on one of rayon's workers, not on the calling thread: its parallel
+        // products are then forks inside the pool, which the other worker takes while it is still
+        // awake, instead of jobs injected from outside, each of which puts the caller to sleep and
+        // wakes a worker (~25 per decode step). int8 batch-1 decode went from ~1,450 to ~2,100
+        // tokens/s on 2 cores with this, f32 from ~720 to ~900.
+        rayon::scope(|_| self.forward_in_pool(cache, logits_from))
+    }
+
+    fn forward_in_pool(&self, cache: &mut DecodeCache, logits_from: usize) {
         let cfg = &self.config;
         let (c, hd, nh, nkv) = (cfg.n_embd, cfg.head_dim(), cfg.n_head, cfg.n_kv_head);
         let (kvd, vocab, cap) = (nkv * hd, cfg.vocab_size, cache.capacity);

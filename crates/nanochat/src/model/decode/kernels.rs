@@ -20,10 +20,11 @@ const GEMM_MIN_ROWS: usize = 16;
 /// microseconds, as much as a small matrix-vector product.
 const PAR_MIN_MACS: usize = 1 << 17;
 /// The few-row kernel's version of [`PAR_MIN_MACS`], in bytes of weights streamed per row of
-/// activations (512 KiB, 1 << 17 f32 multiply-adds): narrow weights are cheaper to stream, so a
-/// bf16 or int8 matrix has to be 2x or 4x larger before splitting it across threads pays (int8
-/// batch-1 decode: ~1,200 -> ~1,400 tokens/s on 2 cores, f32 unchanged).
-const PAR_MIN_WEIGHT_BYTES: usize = 4 << 17;
+/// activations (128 KiB): narrow weights are cheaper to stream, so a bf16 or int8 matrix has to be
+/// larger before splitting it pays. With the pass inside rayon's pool (`DecodeModel::forward`) a
+/// split costs little, and 128 KiB beat 512 KiB (int8 batch-1 decode ~1,700 -> ~2,200 tokens/s)
+/// and 32 KiB (no better, noisier).
+const PAR_MIN_WEIGHT_BYTES: usize = 1 << 17;
 /// Keys scored at once by [`attend`]: the scores of one block live on the stack.
 const KEY_BLOCK: usize = 64;
 /// Weights widened to f32 at once before a prefill GEMM over bf16 or int8 weights (512 KiB): the
