@@ -62,7 +62,7 @@ fn muon_fp32_matches_v0() -> Result<()> {
         // The optimizer end to end.
         muon.step(&grads_for(&var, g))?;
         check(&format!("fp32.p{k}"), var.as_tensor(), get(&f, &format!("fp32.p{k}"))?, 1e-7)?;
-        let state = muon.state_dict();
+        let state = muon.state_dict()?;
         check(&format!("state buf{k}"), get(&state, "w.momentum_buffer")?, get(&f, &format!("buf{k}"))?, 1e-8)?;
     }
     // bf16 is v0 on the GPU; our f32 iteration stays within the documented fp32-vs-bf16 gap.
@@ -249,5 +249,36 @@ fn adamw_in_place_update_equals_the_composition_bit_for_bit() -> Result<()> {
         ensure!(bits(&flat(get(&fused_state, key)?)?) == bits(&flat(get(&composed_state, key)?)?), "{key} differs");
     }
     ensure!(bits(&fused) != bits(&flat(&p0)?), "the parameter did not move");
+    Ok(())
+}
+
+#[test]
+fn muon_in_place_pieces_equal_the_composition_bit_for_bit() -> Result<()> {
+    use nanochat::optim::muon::{add_scaled_in_place, momentum_in_place};
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let buf0 = Tensor::randn(0f32, 1e-2, (97, 33), &Device::Cpu)?;
+    let g = Tensor::randn(0f32, 1e-2, (97, 33), &Device::Cpu)?;
+    // both branches of torch's lerp: weights below and above one half
+    for (momentum, nesterov) in [(0.95, true), (0.85, false), (0.3, true)] {
+        let (want_buf, want_blend) = momentum_update(&buf0, &g, momentum, nesterov)?;
+        let buf = buf0.copy()?;
+        let blended = momentum_in_place(&buf, &g, momentum, nesterov)?;
+        ensure!(bits(&flat(&buf)?) == bits(&flat(&want_buf)?), "buffer differs at momentum {momentum}");
+        ensure!(bits(&blended) == bits(&flat(&want_blend)?), "blended gradient differs at momentum {momentum}");
+    }
+    let p = Tensor::randn(0f32, 1.0, (97, 33), &Device::Cpu)?;
+    let want = (&p + g.affine(-0.04, 0.0)?)?;
+    let got = p.copy()?;
+    add_scaled_in_place(&got, &g, -0.04)?;
+    ensure!(bits(&flat(&got)?) == bits(&flat(&want)?), "the in-place update differs from p + alpha u");
+    ensure!(add_scaled_in_place(&got, &g.narrow(0, 0, 5)?.contiguous()?, 1.0).is_err(), "a size mismatch must fail");
+    // the state handed out is a snapshot: the next in-place step leaves it alone
+    let var = Var::from_tensor(&p.copy()?)?;
+    let mut muon = Muon::new(ParamGroup::new(vec![("w".to_string(), var.clone())], 0.02));
+    muon.step(&grads_for(&var, &g))?;
+    let snapshot = flat(get(&muon.state_dict()?, "w.momentum_buffer")?)?;
+    muon.step(&grads_for(&var, &g))?;
+    ensure!(flat(get(&muon.state_dict()?, "w.momentum_buffer")?)? != snapshot, "the buffer did not move");
+    ensure!(bits(&snapshot) == bits(&flat(&(g.affine(0.05, 0.0)?))?), "the first snapshot changed after the next step");
     Ok(())
 }

@@ -14,11 +14,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
+use super::in_place::{fusable, with_data_mut, InPlace2};
 use super::ParamGroup;
-use crate::model::fused;
 
 struct AdamState {
     step: u64,
@@ -149,11 +149,6 @@ struct Coefficients {
     step_size: f32,
 }
 
-/// Whether the one-pass update applies: fused kernels on, and every tensor contiguous f32 on the CPU.
-fn fusable(tensors: &[&Tensor]) -> bool {
-    fused::enabled() && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
-}
-
 /// The AdamW step of one parameter in one pass, in place. Each value goes through the same f32
 /// operations as the composed path (`affine` is `x * mul + add`, hence the `+ 0.0`s, which only
 /// turn -0.0 into +0.0 as it does), so the result is identical bit for bit.
@@ -191,47 +186,4 @@ fn update_in_place(p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, k: Coefficien
             )
         })
     })
-}
-
-fn contiguous_f32<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((a, b))) => Ok(&mut data[a..b]),
-        _ => candle_core::bail!("AdamW in place: tensors must be contiguous f32"),
-    }
-}
-
-/// Runs `f` on the data of `t`, mutably, through candle's in-place op.
-fn with_data_mut(t: &Tensor, f: impl FnMut(&mut [f32]) -> Result<()>) -> Result<()> {
-    t.inplace_op1(&InPlace1(Mutex::new(f)))
-}
-
-/// In-place op wrappers around closures; the Mutex gives the `FnMut` the `&self` access candle's
-/// traits offer (it is never contended).
-struct InPlace1<F>(Mutex<F>);
-struct InPlace2<F>(Mutex<F>);
-
-impl<F: FnMut(&mut [f32]) -> Result<()>> InplaceOp1 for InPlace1<F> {
-    fn name(&self) -> &'static str {
-        "adamw-in-place"
-    }
-
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
-        let mut f = self.0.lock().map_err(|_| candle_core::Error::Msg("AdamW: poisoned lock".into()))?;
-        f(contiguous_f32(s, l)?)
-    }
-}
-
-impl<F: FnMut(&mut [f32], &[f32]) -> Result<()>> InplaceOp2 for InPlace2<F> {
-    fn name(&self) -> &'static str {
-        "adamw-in-place"
-    }
-
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let g = match (s2, l2.contiguous_offsets()) {
-            (CpuStorage::F32(data), Some((a, b))) => &data[a..b],
-            _ => candle_core::bail!("AdamW in place: the gradient must be contiguous f32"),
-        };
-        let mut f = self.0.lock().map_err(|_| candle_core::Error::Msg("AdamW: poisoned lock".into()))?;
-        f(contiguous_f32(s1, l1)?, g)
-    }
 }

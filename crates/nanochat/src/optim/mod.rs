@@ -5,6 +5,7 @@
 //! own parameters only.
 
 pub mod adamw;
+mod in_place;
 pub mod muon;
 pub mod schedule;
 
@@ -147,7 +148,7 @@ impl Optimizers {
     /// rank's parameters only).
     pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
         let adam = self.adamw.state_dict()?.into_iter().map(|(k, v)| (format!("adamw.{k}"), v));
-        let muon = self.muon.state_dict().into_iter().map(|(k, v)| (format!("muon.{k}"), v));
+        let muon = self.muon.state_dict()?.into_iter().map(|(k, v)| (format!("muon.{k}"), v));
         Ok(adam.chain(muon).collect())
     }
 

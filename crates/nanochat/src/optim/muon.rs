@@ -6,10 +6,12 @@
 //! is bf16 ([`crate::model::fused::set_bf16_matmul`]): the products' operands are rounded to bf16.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor};
 
+use super::in_place::{fusable, InPlace2};
 use super::ParamGroup;
 use crate::model::fused;
 
@@ -34,6 +36,60 @@ pub fn momentum_update(buf: &Tensor, g: &Tensor, momentum: f64, nesterov: bool) 
     let buf = lerp(buf, g, 1.0 - momentum)?;
     let g = if nesterov { lerp(g, &buf, momentum)? } else { buf.clone() };
     Ok((buf, g))
+}
+
+/// torch's `lerp` of one value, as [`lerp`] computes it on tensors (`affine` is `x * w + 0.0`).
+fn lerp_one(s: f32, e: f32, w: f32) -> f32 {
+    let diff = e - s;
+    if w.abs() < 0.5 {
+        s + (diff * w + 0.0)
+    } else {
+        e - (diff * (1.0 - w) + 0.0)
+    }
+}
+
+/// [`momentum_update`] in one pass on the CPU: `buf` rewritten in place, the blended gradient
+/// returned; the same f32 operations in the same order, so the same values bit for bit.
+pub fn momentum_in_place(buf: &Tensor, g: &Tensor, momentum: f64, nesterov: bool) -> Result<Vec<f32>> {
+    let (w_buf, w_blend) = ((1.0 - momentum) as f32, momentum as f32);
+    let mut blended = Vec::new();
+    buf.inplace_op2(
+        g,
+        &InPlace2(Mutex::new(|buf: &mut [f32], g: &[f32]| {
+            if buf.len() != g.len() {
+                candle_core::bail!("Muon: momentum buffer and gradient differ in size");
+            }
+            blended = buf
+                .iter_mut()
+                .zip(g)
+                .map(|(b, &g)| {
+                    *b = lerp_one(*b, g, w_buf);
+                    if nesterov {
+                        lerp_one(g, *b, w_blend)
+                    } else {
+                        *b
+                    }
+                })
+                .collect();
+            Ok(())
+        })),
+    )?;
+    Ok(blended)
+}
+
+/// `p += alpha · update` in place, as `p + update.affine(alpha, 0.0)` computes it.
+pub fn add_scaled_in_place(p: &Tensor, update: &Tensor, alpha: f64) -> Result<()> {
+    let alpha = alpha as f32;
+    p.inplace_op2(
+        update,
+        &InPlace2(Mutex::new(|p: &mut [f32], u: &[f32]| {
+            if p.len() != u.len() {
+                candle_core::bail!("Muon: parameter and update differ in size");
+            }
+            p.iter_mut().zip(u).for_each(|(p, &u)| *p += u * alpha + 0.0);
+            Ok(())
+        })),
+    )
 }
 
 /// Approximately orthogonalises `g` (rows, cols): U V^T of its SVD, up to singular values in
@@ -119,10 +175,19 @@ impl Muon {
                 Some(buf) => buf.clone(),
                 None => g.zeros_like()?,
             };
-            let (buf, g) = momentum_update(&buf, &g, self.momentum, self.nesterov)?;
-            let update = zeropower_via_newtonschulz5(&g, self.ns_steps)?;
             // Tall matrices get a larger step so that the update's RMS matches across shapes.
             let alpha = -self.group.lr * (rows as f64 / cols as f64).max(1.0).sqrt();
+            if fusable(&[var.as_tensor(), &g, &buf]) {
+                // the buffer rewritten in place, the parameter too: no full-size temporaries
+                let blended = momentum_in_place(&buf, &g, self.momentum, self.nesterov)?;
+                let blended = Tensor::from_vec(blended, (rows, cols), g.device())?;
+                let update = zeropower_via_newtonschulz5(&blended, self.ns_steps)?;
+                add_scaled_in_place(var.as_tensor(), &update, alpha)?;
+                self.state.insert(name.clone(), buf);
+                continue;
+            }
+            let (buf, g) = momentum_update(&buf, &g, self.momentum, self.nesterov)?;
+            let update = zeropower_via_newtonschulz5(&g, self.ns_steps)?;
             var.set(&(var.as_tensor().detach() + update.affine(alpha, 0.0)?)?)?;
             self.state.insert(name.clone(), buf);
         }
@@ -135,8 +200,9 @@ impl Muon {
     }
 
     /// The optimizer state as named tensors (`{param}.momentum_buffer`), for checkpoints.
-    pub fn state_dict(&self) -> HashMap<String, Tensor> {
-        self.state.iter().map(|(name, buf)| (format!("{name}.momentum_buffer"), buf.clone())).collect()
+    pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        // copies: the fused update rewrites the buffers in place at the next step
+        self.state.iter().map(|(name, buf)| Ok((format!("{name}.momentum_buffer"), buf.copy()?))).collect()
     }
 
     /// Restores the state saved by [`Muon::state_dict`]; parameters absent from `state` start
@@ -152,7 +218,8 @@ impl Muon {
                         var.shape()
                     );
                 }
-                self.state.insert(name.clone(), buf.to_dtype(DType::F32)?);
+                // an own copy, which the fused update may rewrite in place
+                self.state.insert(name.clone(), buf.to_dtype(DType::F32)?.copy()?);
             }
         }
         Ok(())
