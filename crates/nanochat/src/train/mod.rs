@@ -25,7 +25,7 @@ use crate::chat_cli::Source;
 use crate::checkpoint::{Checkpoint, Meta};
 use crate::data::dataset::Split;
 use crate::data::loader::{Batch, Loader, LoaderConfig};
-use crate::dist::{all_gather_vars, broadcast_vars, reduce_grads_to_owners, Communicator, DistMode, SingleProcess};
+use crate::dist::{all_gather_vars, broadcast_vars, reduce_grads_to_owners, Communicator, DistMode};
 use crate::model::{GPTConfig, Reduction, GPT};
 use crate::optim::{clip_grad_norm_on, setup_optimizers, OptimConfig, Optimizers};
 use crate::tasks::chat::ChatData;
@@ -272,34 +272,6 @@ pub fn accumulate_grads(grads: &mut GradStore, vars: &[Var], loss: &Tensor) -> R
     Ok(())
 }
 
-/// One optimizer step: forward and backward over `accum_steps` micro-batches, gradient clipping
-/// (when `grad_clip > 0`), then the learning rates scaled by `lr_multiplier` and, when given, Muon's
-/// momentum set before the update. Returns the mean loss and the gradient norm before clipping.
-#[allow(clippy::too_many_arguments)] // each is one knob of the step; a struct would only rename them
-pub fn optimizer_step(
-    model: &GPT,
-    optimizers: &mut Optimizers,
-    vars: &[Var],
-    micro_batches: impl IntoIterator<Item = Result<(Tensor, Tensor)>>,
-    accum_steps: usize,
-    grad_clip: f64,
-    lr_multiplier: f64,
-    muon_momentum: Option<f64>,
-) -> Result<(f64, Option<f64>)> {
-    let stats = optimizer_step_on(
-        &SingleProcess,
-        model,
-        optimizers,
-        vars,
-        micro_batches,
-        accum_steps,
-        grad_clip,
-        lr_multiplier,
-        muon_momentum,
-    )?;
-    Ok((stats.loss, stats.grad_norm))
-}
-
 /// What one optimizer step measured.
 #[derive(Clone, Copy, Debug)]
 pub struct StepStats {
@@ -312,10 +284,12 @@ pub struct StepStats {
     pub comm_seconds: f64,
 }
 
-/// [`optimizer_step`] as one rank of `comm`: each rank runs `accum_steps` micro-batches of its own
-/// data, the loss is averaged across ranks, and [`update_on`] makes the step that of the mean loss
-/// over all ranks' micro-batches, the same on every rank.
-#[allow(clippy::too_many_arguments)] // optimizer_step's knobs and the communicator
+/// One optimizer step as one rank of `comm` (a single process: [`crate::dist::SingleProcess`]): forward and
+/// backward over `accum_steps` micro-batches of this rank's data, the loss averaged across ranks,
+/// then the learning rates scaled by `lr_multiplier` and, when given, Muon's momentum set, and
+/// [`update_on`] (clipping when `grad_clip > 0`) makes the step that of the mean loss over all
+/// ranks' micro-batches, the same on every rank.
+#[allow(clippy::too_many_arguments)] // each is one knob of the step; a struct would only rename them
 pub fn optimizer_step_on(
     comm: &dyn Communicator,
     model: &GPT,

@@ -391,29 +391,13 @@ pub struct StepStats {
     pub loss: f64,
 }
 
-/// One policy-gradient step: sample completions for each of `problems` with `engine` (a model over
-/// the parameters `optimizers` update), score them, and take one optimizer step at the learning
-/// rates scaled by `lr_multiplier`.
-#[allow(clippy::too_many_arguments)] // the policy, its optimizers and the step's data
-pub fn rl_step(
-    model: &GPT,
-    engine: &Engine,
-    optimizers: &mut Optimizers,
-    vars: &[Var],
-    task: &dyn Task,
-    problems: impl ExactSizeIterator<Item = usize>,
-    rollout: &RolloutArgs,
-    step: usize,
-    pad_id: u32,
-    lr_multiplier: f64,
-) -> Result<StepStats> {
-    rl_step_on(&SingleProcess, model, engine, optimizers, vars, task, problems, rollout, step, pad_id, lr_multiplier)
-}
-
-/// [`rl_step`] as one rank of `comm`, `problems` its share of the step's (every rank as many):
+/// One policy-gradient step as one rank of `comm` (a single process: [`SingleProcess`]): sample
+/// completions for each of `problems`, this rank's share of the step's (every rank as many), with
+/// `engine` (a model over the parameters `optimizers` update), score them, and take one optimizer
+/// step at the learning rates scaled by `lr_multiplier`;
 /// the gradients are averaged across ranks, so the step is that of all ranks' problems together,
 /// and the statistics are the whole step's on every rank.
-#[allow(clippy::too_many_arguments)] // rl_step's arguments and the communicator
+#[allow(clippy::too_many_arguments)] // the policy, its optimizers, the step's data and the communicator
 pub fn rl_step_on(
     comm: &dyn Communicator,
     model: &GPT,
