@@ -58,6 +58,21 @@ impl Default for GenerateOptions {
     }
 }
 
+/// The sampling flags `chat` and `serve` share, with one set of defaults (for `serve`, what a
+/// request that names none gets).
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 = always the most likely token.
+    #[arg(short = 't', long, default_value_t = 0.6)]
+    pub temperature: f64,
+    /// Sample among the k most likely tokens only; 0 = all.
+    #[arg(short = 'k', long, default_value_t = 50)]
+    pub top_k: usize,
+    /// Longest reply, in tokens.
+    #[arg(short = 'm', long, default_value_t = 512)]
+    pub max_tokens: usize,
+}
+
 /// The ids of the special tokens the engine reacts to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Specials {

@@ -8,16 +8,16 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use clap::Parser;
-use nanochat::chat_cli::{load_engine, Source};
 use nanochat::checkpoint::{self, Checkpoint};
+use nanochat::checkpoint::{ModelArgs, Source};
 use nanochat::conversation::render_conversation;
 use nanochat::data::dataset::write_shard;
 use nanochat::engine::GenerateOptions;
 use nanochat::eval::chat::sample_problem;
+use nanochat::model::decode::WeightFormat;
 use nanochat::tasks::identity::Identity;
 use nanochat::tasks::mixture::TaskSequence;
 use nanochat::tasks::Task;
-use nanochat::train::load_stage_checkpoint;
 use nanochat::train::mid::{self, split_off_val, MidArgs};
 use nanochat::train::rl::{self, RlArgs};
 use nanochat::train::sft::{self, collate, SftArgs};
@@ -142,13 +142,15 @@ fn mid_then_sft_train_and_leave_checkpoints_the_engine_loads() {
     // only this test reads NANOCHAT_BASE_DIR; the others pass their directories
     std::env::set_var("NANOCHAT_BASE_DIR", base.path());
     for source in [Source::Mid, Source::Sft] {
-        let engine = load_engine(source, None, None).unwrap();
+        let engine = ModelArgs { source: Some(source), ..ModelArgs::default() }
+            .load_engine(Source::Sft, WeightFormat::F32)
+            .unwrap();
         assert_eq!(engine.model().config(), &base_ckpt.meta.model_config);
     }
     // The stages find their starting checkpoint the same way: the deepest tag, the latest step.
-    let (ckpt, tag) = load_stage_checkpoint(Source::Mid, None, None, &tok, &Device::Cpu).unwrap();
-    assert_eq!((ckpt.meta.step, tag.as_str()), (15, "d1"));
-    let Err(err) = load_stage_checkpoint(Source::Rl, None, None, &tok, &Device::Cpu) else {
+    let (ckpt, at) = ModelArgs::default().load(Source::Mid, &tok, &Device::Cpu).unwrap();
+    assert_eq!((ckpt.meta.step, at.tag.as_str()), (15, "d1"));
+    let Err(err) = ModelArgs::default().load(Source::Rl, &tok, &Device::Cpu) else {
         panic!("there is no RL checkpoint to load");
     };
     assert!(format!("{err:#}").contains("run `nanochat rl train` first"), "{err:#}");

@@ -2,7 +2,7 @@
 //! one fails, and code is extracted from completions as the original does.
 
 use nanochat::conversation::Content;
-use nanochat::eval::sandbox::{Limits, Outcome};
+use nanochat::execution::{Limits, Outcome};
 use nanochat::tasks::humaneval::{extract_code, imports, program, HumanEval};
 use nanochat::tasks::{Answer, DataRoot, EvalType, Task};
 

@@ -5,7 +5,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use nanochat::eval::sandbox::{Execution, Limits, Outcome, Sandbox};
+use nanochat::execution::{Execution, Limits, Outcome, Sandbox};
 
 /// One run at a time: a fork bomb fills the sandbox user's process cap, which concurrent runs share.
 static SERIAL: Mutex<()> = Mutex::new(());

@@ -26,11 +26,12 @@ use candle_core::{DType, IndexOp, Tensor};
 use clap::Args;
 use serde::Serialize;
 
-use crate::chat_cli::{load_engine, Source};
+use crate::checkpoint::{ModelArgs, Source};
 use crate::conversation::render_for_completion;
 use crate::dist::{self, or_abort, rank_stride, Communicator, DistMode, SingleProcess};
 use crate::engine::{Engine, GenerateOptions};
-use crate::eval::sandbox::Limits;
+use crate::execution::Limits;
+use crate::model::decode::WeightFormat;
 use crate::tasks::arc::{ArcSubset, ArcTask};
 use crate::tasks::gsm8k::Gsm8k;
 use crate::tasks::humaneval::HumanEval;
@@ -425,15 +426,8 @@ pub struct ChatEvalArgs {
     /// SpellingBee); default: all six, and ChatCORE over them.
     #[arg(short = 'a', long)]
     pub task_name: Option<String>,
-    /// Which stage's model to evaluate.
-    #[arg(short = 'i', long, value_enum, default_value_t = Source::Sft)]
-    pub source: Source,
-    /// Model tag (checkpoint directory name, e.g. d20); default: the deepest `d<N>` there.
-    #[arg(short = 'g', long)]
-    pub model_tag: Option<String>,
-    /// Checkpoint step; default: the latest.
-    #[arg(short = 's', long)]
-    pub step: Option<usize>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Sampling temperature of generative tasks; 0 = greedy.
     #[arg(short = 't', long, default_value_t = 0.0)]
     pub temperature: f64,
@@ -516,7 +510,7 @@ fn run_on(args: &ChatEvalArgs, comm: &dyn Communicator) -> Result<()> {
     let started = Instant::now();
     let tasks = args.tasks()?;
     let opts = args.options();
-    let engine = load_engine(args.source, args.model_tag.as_deref(), args.step)?;
+    let engine = args.model.load_engine(Source::Sft, WeightFormat::F32)?;
     let mut results = Vec::new();
     for task in &tasks {
         let result = run_chat_eval_on(comm, &engine, task, &opts)?;
@@ -545,8 +539,8 @@ fn run_on(args: &ChatEvalArgs, comm: &dyn Communicator) -> Result<()> {
 /// The report section `chat_eval_<source>`: accuracy per task, and ChatCORE when all six ran
 /// (over fewer tasks it is not comparable, so the summary table shows "-").
 fn write_report_section(args: &ChatEvalArgs, report: &ChatCoreReport, seconds: f64) -> Result<()> {
-    let source = format!("{:?}", args.source).to_lowercase();
-    let mut markdown = format!("- model: {source} {}\n", args.model_tag.as_deref().unwrap_or("(default tag)"));
+    let source = format!("{:?}", args.model.source.unwrap_or(Source::Sft)).to_lowercase();
+    let mut markdown = format!("- model: {source} {}\n", args.model.model_tag.as_deref().unwrap_or("(default tag)"));
     let mut tasks = serde_json::Map::new();
     for r in &report.results {
         markdown.push_str(&format!("- {}: {:.4} ({}/{})\n", r.task, r.accuracy, r.passed, r.problems));

@@ -5,7 +5,6 @@ pub mod bundle;
 pub mod chat;
 pub mod core;
 pub mod loss;
-pub mod sandbox;
 
 pub use self::core::{evaluate_core, CoreResults, LanguageModel, TaskResult};
 pub use bundle::{Bundle, Item, TaskSpec, TaskType};

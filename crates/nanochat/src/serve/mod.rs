@@ -34,8 +34,8 @@ use clap::Args;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::oneshot;
 
-use crate::chat_cli::{load_engine_with, Source};
-use crate::engine::Engine;
+use crate::checkpoint::{ModelArgs, Source};
+use crate::engine::{Engine, SamplingArgs};
 use crate::model::decode::WeightFormat;
 use workers::{Event, Pool};
 
@@ -49,17 +49,14 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// Port to listen on; 0 picks a free one (printed at start).
-    #[arg(short = 'p', long, default_value_t = 8000)]
+    #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Which stage's model to serve.
-    #[arg(short = 'i', long, value_enum, default_value_t = Source::Sft)]
-    pub source: Source,
-    /// Model tag (checkpoint directory name, e.g. d20); default: the deepest `d<N>` there.
-    #[arg(short = 'g', long)]
-    pub model_tag: Option<String>,
-    /// Checkpoint step; default: the latest.
-    #[arg(short = 's', long)]
-    pub step: Option<usize>,
+    /// The old spelling of --port (`-p` is the prompt in `nanochat chat`); still accepted, with a
+    /// note.
+    #[arg(short = 'p', hide = true, conflicts_with = "port")]
+    pub deprecated_port: Option<u16>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Model workers, each with its own copy of the model, generating in parallel.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
@@ -72,15 +69,9 @@ pub struct ServeArgs {
     /// Longest time one request may take, waiting included, in seconds.
     #[arg(long, default_value_t = 300)]
     pub time_limit: u64,
-    /// Default temperature when a request gives none.
-    #[arg(short = 't', long, default_value_t = 0.8)]
-    pub temperature: f64,
-    /// Default top-k when a request gives none.
-    #[arg(short = 'k', long, default_value_t = 50)]
-    pub top_k: usize,
-    /// Default longest reply, in tokens, when a request gives none.
-    #[arg(short = 'm', long, default_value_t = 512)]
-    pub max_tokens: usize,
+    /// The sampling of a request that names none.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Precision of the workers' weights: bf16 and int8 decode faster on the CPU (fewer bytes per
     /// token) with slightly different logits; they run the native CPU path even with a GPU.
     #[arg(long, value_enum, default_value_t = WeightFormat::F32)]
@@ -218,28 +209,38 @@ pub fn run(args: ServeArgs) -> Result<()> {
     anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
     anyhow::ensure!(args.time_limit > 0, "--time-limit must be at least 1 second");
     // the defaults obey the limits a request's own values must meet
-    anyhow::ensure!((0.0..=api::MAX_TEMPERATURE).contains(&args.temperature), "--temperature must be between 0 and 2");
-    anyhow::ensure!(args.top_k as i64 <= api::MAX_TOP_K, "--top-k must be at most {}", api::MAX_TOP_K);
     anyhow::ensure!(
-        (1..=api::MAX_MAX_TOKENS).contains(&(args.max_tokens as i64)),
+        (0.0..=api::MAX_TEMPERATURE).contains(&args.sampling.temperature),
+        "--temperature must be between 0 and 2"
+    );
+    anyhow::ensure!(args.sampling.top_k as i64 <= api::MAX_TOP_K, "--top-k must be at most {}", api::MAX_TOP_K);
+    anyhow::ensure!(
+        (1..=api::MAX_MAX_TOKENS).contains(&(args.sampling.max_tokens as i64)),
         "--max-tokens must be between 1 and {}",
         api::MAX_MAX_TOKENS
     );
     let mut engines = Vec::with_capacity(args.workers);
     for _ in 0..args.workers {
-        engines.push(load_engine_with(args.source, args.model_tag.as_deref(), args.step, args.weights)?);
+        engines.push(args.model.load_engine(Source::Sft, args.weights)?);
     }
-    let source = format!("{:?}", args.source).to_lowercase();
+    let source = format!("{:?}", args.model.source.unwrap_or(Source::Sft)).to_lowercase();
     let config = ServerConfig {
-        model_id: format!("nanochat-{source}-{}", args.model_tag.as_deref().unwrap_or("default")),
+        model_id: format!("nanochat-{source}-{}", args.model.model_tag.as_deref().unwrap_or("default")),
         batch: args.batch,
         queue: args.queue,
         time_limit: Duration::from_secs(args.time_limit),
-        temperature: args.temperature,
-        top_k: args.top_k,
-        max_tokens: args.max_tokens,
+        temperature: args.sampling.temperature,
+        top_k: args.sampling.top_k,
+        max_tokens: args.sampling.max_tokens,
     };
-    let server = Server::start(&args.host, args.port, engines, config)?;
+    let port = match args.deprecated_port {
+        Some(port) => {
+            eprintln!("note: `nanochat serve -p` is deprecated (in `nanochat chat`, -p is the prompt): use --port");
+            port
+        }
+        None => args.port,
+    };
+    let server = Server::start(&args.host, port, engines, config)?;
     println!(
         "nanochat serving on http://{} ({} workers, up to {} replies each, {} weights); Ctrl-C to stop",
         server.addr(),

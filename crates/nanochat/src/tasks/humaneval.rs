@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::{check_index, read_jsonl, Answer, DataRoot, EvalType, Example, Task};
 use crate::conversation::{Conversation, Message, Role};
-use crate::eval::sandbox::{Execution, Limits, Sandbox};
+use crate::execution::{Execution, Limits, Sandbox};
 
 #[derive(Deserialize)]
 struct Row {

@@ -340,7 +340,7 @@ fn run_eval(args: &EvalArgs, comm: &dyn Communicator) -> Result<()> {
     let checkpoints = base.join("base_checkpoints");
     let tag = match &args.model_tag {
         Some(tag) => tag.clone(),
-        None => crate::chat_cli::default_model_tag(&checkpoints)?,
+        None => crate::checkpoint::default_model_tag(&checkpoints)?,
     };
     let dir = checkpoints.join(&tag);
     let step = match args.step {

@@ -47,7 +47,7 @@ use super::{
     accum_steps_per_rank, append_jsonl, drop_metrics_from, evaluate_bpb_on, log_on, optimizer_step_on,
     rank_progress_bar, render_task, save_checkpoint_on, setup_optimizers_on, ChatStageArgs, LossEma,
 };
-use crate::chat_cli::Source;
+use crate::checkpoint::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
 use crate::dist::{self, or_abort, rank_stride, Communicator, SingleProcess};
 use crate::optim::{muon_momentum, LrSchedule};
@@ -66,6 +66,8 @@ pub enum MidCommand {
     Train(Box<MidArgs>),
 }
 
+/// The stage whose checkpoint this one starts from unless `--source` says otherwise.
+const STARTS_FROM: Source = Source::Base;
 /// Options of `nanochat mid train` (defaults: the original's d20 run).
 #[derive(Parser, Debug, Clone, Serialize)]
 #[command(args_override_self = true)] // a later flag wins, so scripts can append overrides
@@ -116,13 +118,8 @@ pub fn run(cmd: MidCommand) -> Result<()> {
 fn run_on(args: &MidArgs, comm: &dyn Communicator) -> Result<()> {
     let tokenizer = crate::tokenizer::load()?;
     let device = Device::cuda_if_available(dist::local_rank())?;
-    let (base, tag) = super::load_stage_checkpoint(
-        Source::Base,
-        args.stage.model_tag.as_deref(),
-        args.stage.step,
-        &tokenizer,
-        &device,
-    )?;
+    let (base, at) = args.stage.model.load(STARTS_FROM, &tokenizer, &device)?;
+    let tag = at.tag;
     let (train_task, val_task) = mid_mixture(&args.stage, args.val_fraction)?;
     let out_dir = Source::Mid.checkpoints_dir().join(&tag);
     let start = std::time::Instant::now();

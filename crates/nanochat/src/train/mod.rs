@@ -21,8 +21,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use rayon::prelude::*;
 
-use crate::chat_cli::Source;
-use crate::checkpoint::{Checkpoint, Meta};
+use crate::checkpoint::Meta;
 use crate::data::dataset::Split;
 use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::dist::{all_gather_vars, broadcast_vars, reduce_grads_to_owners, Communicator, DistMode};
@@ -417,39 +416,6 @@ pub fn save_checkpoint_on(
     Ok(())
 }
 
-/// The checkpoint a chat stage starts from: stage `source`, tag `model_tag` (default: the deepest
-/// `d<N>`, as `nanochat chat` picks), step `step` (default: the latest). Returns it with its tag,
-/// which the new stage's checkpoints reuse. When there is none, the error says which stage makes one.
-pub fn load_stage_checkpoint(
-    source: Source,
-    model_tag: Option<&str>,
-    step: Option<usize>,
-    tokenizer: &bpe::Tokenizer,
-    device: &Device,
-) -> Result<(Checkpoint, String)> {
-    let stage = match source {
-        Source::Base => "base",
-        Source::Mid => "mid",
-        Source::Sft => "sft",
-        Source::Rl => "rl",
-    };
-    let hint = format!("run `nanochat {stage} train` first");
-    let root = source.checkpoints_dir();
-    let tag = match model_tag {
-        Some(tag) => tag.to_string(),
-        None => crate::chat_cli::default_model_tag(&root)
-            .with_context(|| format!("no {source:?} checkpoint to start from: {hint}"))?,
-    };
-    let dir = root.join(&tag);
-    let step = match step {
-        Some(step) => step,
-        None => crate::checkpoint::latest_step(&dir)?
-            .with_context(|| format!("no checkpoint in {}: {hint} (or pick another --model-tag)", dir.display()))?,
-    };
-    let ckpt = crate::checkpoint::load(&dir, step, device, false, Some(&tokenizer.fingerprint()))?;
-    Ok((ckpt, tag))
-}
-
 /// The first `limit` examples of `task` (all if it has fewer) rendered to `(ids, mask)`, each cut
 /// to `max_tokens`; in parallel, in order.
 pub fn render_task(
@@ -532,13 +498,10 @@ pub fn log(pb: &indicatif::ProgressBar, line: String) {
 /// The options midtraining and SFT share: where they start from, their data, their learning rates.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct ChatStageArgs {
-    /// Tag (directory name, e.g. d20) of the checkpoint to start from; the new checkpoints go under
-    /// the same tag [default: the deepest d<N>].
-    #[arg(long)]
-    pub model_tag: Option<String>,
-    /// Step of the checkpoint to start from [default: the latest].
-    #[arg(long)]
-    pub step: Option<usize>,
+    /// The checkpoint to start from; the new checkpoints go under the same tag.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: crate::checkpoint::ModelArgs,
     /// Task data, laid out like the offline mirror (eval/, sft/, words/) [default: $NANOCHAT_BASE_DIR/task_data].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,

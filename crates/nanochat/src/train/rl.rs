@@ -46,7 +46,7 @@ use super::{
     accumulate_grads, append_jsonl, drop_metrics_from, log_on, rank_progress_bar, setup_optimizers_on, update_on,
     ChatStageArgs,
 };
-use crate::chat_cli::Source;
+use crate::checkpoint::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
 use crate::dist::{self, or_abort, rank_stride, Communicator, SingleProcess};
 use crate::engine::{Engine, GenerateOptions};
@@ -63,16 +63,14 @@ pub enum RlCommand {
     Train(Box<RlArgs>),
 }
 
+/// The stage whose checkpoint this one starts from unless `--source` says otherwise.
+const STARTS_FROM: Source = Source::Sft;
 /// Options of `nanochat rl train` (defaults: the original's).
 #[derive(Parser, Debug, Clone, Serialize)]
 #[command(args_override_self = true)] // a later flag wins, so scripts can append overrides
 pub struct RlArgs {
     #[command(flatten)]
     pub stage: ChatStageArgs,
-    /// Which stage's checkpoint to start from.
-    #[arg(long, value_enum, default_value_t = Source::Sft)]
-    #[serde(skip)]
-    pub source: Source,
     #[command(flatten)]
     pub rollout: RolloutArgs,
     /// Problems per optimizer step.
@@ -152,13 +150,8 @@ pub fn run(cmd: RlCommand) -> Result<()> {
 fn run_on(args: &RlArgs, comm: &dyn Communicator) -> Result<()> {
     let tokenizer = crate::tokenizer::load()?;
     let device = Device::cuda_if_available(dist::local_rank())?;
-    let (init, tag) = super::load_stage_checkpoint(
-        args.source,
-        args.stage.model_tag.as_deref(),
-        args.stage.step,
-        &tokenizer,
-        &device,
-    )?;
+    let (init, at) = args.stage.model.load(STARTS_FROM, &tokenizer, &device)?;
+    let tag = at.tag;
     let root = args.stage.data_root();
     let (train_task, test_task) = (Gsm8k::load(&root, "train")?, Gsm8k::load(&root, "test")?);
     let out_dir = Source::Rl.checkpoints_dir().join(&tag);
@@ -376,7 +369,7 @@ fn save(
 ) -> Result<()> {
     let mut meta = Meta::new(step, config.clone(), tokenizer.fingerprint());
     meta.loop_state = LoopState { total_training_time: total_time, ..LoopState::default() };
-    meta.run_config = json!({ "args": args, "source": format!("{:?}", args.source), "source_step": init.meta.step });
+    meta.run_config = json!({ "args": args, "source": format!("{:?}", args.stage.model.source.unwrap_or(STARTS_FROM)), "source_step": init.meta.step });
     checkpoint::save(out_dir, &checkpoint::varmap_tensors(varmap)?, None, &meta)
 }
 

@@ -41,7 +41,7 @@ use super::{
     accum_steps_per_rank, append_jsonl, drop_metrics_from, log_on, optimizer_step_on, rank_progress_bar, render_task,
     setup_optimizers_on, ChatStageArgs, LossEma,
 };
-use crate::chat_cli::Source;
+use crate::checkpoint::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
 use crate::dist::{self, or_abort, rank_stride, Communicator, SingleProcess};
 use crate::model::GPT;
@@ -59,16 +59,14 @@ pub enum SftCommand {
     Train(Box<SftArgs>),
 }
 
+/// The stage whose checkpoint this one starts from unless `--source` says otherwise.
+const STARTS_FROM: Source = Source::Mid;
 /// Options of `nanochat sft train` (defaults: the original's).
 #[derive(Parser, Debug, Clone, Serialize)]
 #[command(args_override_self = true)] // a later flag wins, so scripts can append overrides
 pub struct SftArgs {
     #[command(flatten)]
     pub stage: ChatStageArgs,
-    /// Which stage's checkpoint to start from.
-    #[arg(long, value_enum, default_value_t = Source::Mid)]
-    #[serde(skip)]
-    pub source: Source,
     /// Conversations per forward/backward pass; lower it if memory runs out.
     #[arg(long, default_value_t = 4)]
     pub device_batch_size: usize,
@@ -114,13 +112,8 @@ pub fn run(cmd: SftCommand) -> Result<()> {
 fn run_on(args: &SftArgs, comm: &dyn Communicator) -> Result<()> {
     let tokenizer = crate::tokenizer::load()?;
     let device = Device::cuda_if_available(dist::local_rank())?;
-    let (init, tag) = super::load_stage_checkpoint(
-        args.source,
-        args.stage.model_tag.as_deref(),
-        args.stage.step,
-        &tokenizer,
-        &device,
-    )?;
+    let (init, at) = args.stage.model.load(STARTS_FROM, &tokenizer, &device)?;
+    let tag = at.tag;
     let (train_task, val_task) = sft_mixture(&args.stage)?;
     let out_dir = Source::Sft.checkpoints_dir().join(&tag);
     let start = std::time::Instant::now();
@@ -133,7 +126,7 @@ fn run_on(args: &SftArgs, comm: &dyn Communicator) -> Result<()> {
         "- started from: {:?}/{tag} step {}\n- mixture: {} conversations\n- steps: {} of {} conversations\n\
          - training loss: {first_loss:.4} at the first step, {last_loss:.4} at the last\n\
          - validation loss: {:.4}\n- processes: {}\n",
-        args.source,
+        args.stage.model.source.unwrap_or(STARTS_FROM),
         init.meta.step,
         train_task.len(),
         report.num_iterations,
@@ -359,7 +352,7 @@ pub fn train_on(
         meta.loop_state =
             LoopState { smooth_train_loss: ema.value, total_training_time: total_time, ..LoopState::default() };
         meta.run_config = json!({ "args": args, "num_iterations": num_iterations,
-                                  "source": format!("{:?}", args.source), "source_step": init.meta.step,
+                                  "source": format!("{:?}", args.stage.model.source.unwrap_or(STARTS_FROM)), "source_step": init.meta.step,
                                   "world_size": world });
         checkpoint::save(out_dir, &checkpoint::varmap_tensors(&varmap)?, None, &meta)?;
         say(format!("saved checkpoint in {}", out_dir.display()));

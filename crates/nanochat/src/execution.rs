@@ -1,5 +1,5 @@
-//! A sandbox for model-written Python (HumanEval completions): each program runs in its own
-//! `python3` process and cannot hang, exhaust or reach the host.
+//! Running untrusted code: a sandbox for model-written Python (HumanEval completions). Each
+//! program runs in its own `python3` process and cannot hang, exhaust or reach the host.
 //!
 //! What contains it, and why each piece:
 //! - a fresh scratch directory as the working directory and `HOME`, removed afterwards, so the

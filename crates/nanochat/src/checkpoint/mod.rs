@@ -1,4 +1,5 @@
-//! Training checkpoints on disk: what a run needs to continue exactly, and what inference needs.
+//! Training checkpoints on disk: what a run needs to continue exactly, and what inference needs;
+//! `select` picks one by stage, tag and step for the commands that load a trained model.
 //!
 //! A checkpoint at step N is three files in one directory:
 //! - `model_{N:06}.safetensors`: the parameters under the original's names (all inference needs);
@@ -23,6 +24,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
+
+mod select;
+
+pub use select::{default_model_tag, Located, ModelArgs, Source};
 
 use crate::common::{base_dir, write_atomic};
 use crate::data::loader::LoaderState;

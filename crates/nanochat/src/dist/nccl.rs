@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::dist::{Communicator, DistError};
+use super::{Communicator, DistError};
 
 /// Bytes of an NCCL unique id (`ncclUniqueId`).
 pub const ID_LEN: usize = 128;
