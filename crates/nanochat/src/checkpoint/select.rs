@@ -98,7 +98,15 @@ impl ModelArgs {
     /// The checkpoint these flags name, loaded (weights only) and checked against `tokenizer`.
     pub fn load(&self, default: Source, tokenizer: &bpe::Tokenizer, device: &Device) -> Result<(Checkpoint, Located)> {
         let at = self.locate(default)?;
-        let ckpt = load(&at.dir, at.step, device, false, Some(&tokenizer.fingerprint()))?;
+        let ckpt = load(&at.dir, at.step, device, false, Some(&tokenizer.fingerprint())).with_context(|| {
+            format!(
+                "loading the {} model {} at step {}: pick another step with --step, or make a new one with `{}`",
+                format!("{:?}", at.source).to_lowercase(),
+                at.tag,
+                at.step,
+                at.source.train_command()
+            )
+        })?;
         Ok((ckpt, at))
     }
 
