@@ -164,13 +164,13 @@ fn a_renamed_optimizer_key_is_refused_not_silently_reset() {
     let ckpt = checkpoint::load(tmp.path(), 5, &Device::Cpu, true, Some(FINGERPRINT)).unwrap();
     let (_, varmap) = checkpoint::model_from_checkpoint(&ckpt, &Device::Cpu).unwrap();
     let mut opt = setup_optimizers(&config(64), &varmap, &OptimConfig::default()).unwrap();
-    let err = opt.load_state_dict(&ckpt.optim).err().expect("a renamed key must be refused").to_string();
+    let err = opt.load_state_dict(&ckpt.optim).expect_err("a renamed key must be refused").to_string();
     assert!(err.contains("lm_head.weight.exp_avg_zz"), "{err}");
 
     // a key missing altogether
     let mut state = ckpt.optim.clone();
     state.retain(|k, _| k != "adamw.lm_head.weight.exp_avg_zz");
-    let err = opt.load_state_dict(&state).err().expect("a missing key must be refused").to_string();
+    let err = opt.load_state_dict(&state).expect_err("a missing key must be refused").to_string();
     assert!(err.contains("lm_head.weight"), "{err}");
     // a missing optimizer altogether
     state.retain(|k, _| !k.starts_with("muon."));
