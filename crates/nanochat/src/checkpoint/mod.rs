@@ -271,15 +271,14 @@ pub fn load_meta(dir: &Path, step: usize) -> Result<Meta> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let hint = match latest_step(dir) {
                 Ok(Some(latest)) => format!("the latest complete checkpoint there is step {latest}"),
-                _ => "there is no complete checkpoint there: train without resuming".to_string(),
+                _ => "there is no complete checkpoint there".to_string(),
             };
             bail!("no checkpoint for step {step} in {} ({} is missing); {hint}", dir.display(), path.display());
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let value: serde_json::Value = serde_json::from_slice(&text).with_context(|| {
-        format!("{} is not valid JSON (corrupt checkpoint): resume from another step", path.display())
-    })?;
+    let value: serde_json::Value = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not valid JSON: the checkpoint is damaged", path.display()))?;
     let format = value.get("format").and_then(|v| v.as_str()).unwrap_or_default();
     if format != FORMAT_NAME {
         bail!("{} is not a nanochat checkpoint meta (format {format:?})", path.display());

@@ -351,7 +351,8 @@ fn run_eval(args: &EvalArgs, comm: &dyn Communicator) -> Result<()> {
         })?,
     };
     let device = Device::cuda_if_available(dist::local_rank())?;
-    let ckpt = checkpoint::load(&dir, step, &device, false, Some(&tokenizer.fingerprint()))?;
+    let ckpt = checkpoint::load(&dir, step, &device, false, Some(&tokenizer.fingerprint()))
+        .with_context(|| format!("loading the base model {tag} at step {step}: pick another with --step"))?;
     let (model, _) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
     let mut markdown = format!("- model: {tag} step {step}\n");
     let mut metrics = json!({ "model_tag": tag, "step": step });
@@ -461,7 +462,8 @@ pub fn train_on(
             (model, varmap, None, 0, LoopState::default(), None)
         }
         Some(step) => {
-            let ckpt = checkpoint::load(out_dir, step, &device, true, Some(&fingerprint))?;
+            let ckpt = checkpoint::load(out_dir, step, &device, true, Some(&fingerprint))
+                .with_context(|| format!("resuming from step {step}: pick another --resume-from-step"))?;
             if ckpt.meta.model_config != model_config {
                 bail!(
                     "the checkpoint's model is {:?} but the options give {model_config:?}: resume with the options \

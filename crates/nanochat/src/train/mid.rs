@@ -291,7 +291,8 @@ pub fn train_on(
             (model, varmap, None, 0, LoopState::default())
         }
         Some(step) => {
-            let ckpt = checkpoint::load(out_dir, step, &device, true, Some(&fingerprint))?;
+            let ckpt = checkpoint::load(out_dir, step, &device, true, Some(&fingerprint))
+                .with_context(|| format!("resuming from step {step}: pick another --resume-from-step"))?;
             if ckpt.meta.model_config != model_config {
                 bail!(
                     "the checkpoint in {} is not of the base model's shape: resume the run it came from",
