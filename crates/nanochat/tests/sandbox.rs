@@ -517,3 +517,69 @@ fn every_case_again_as_an_unprivileged_user() {
     assert!(out.status.success(), "the cases failed as {name}");
     assert!(stdout.contains("test result: ok"), "{stdout}");
 }
+
+/// Set in the environment of [`without_namespaces_a_user_is_refused_with_how_to_allow_them`]'s
+/// child, which runs only `refusal_seen_from_inside`.
+const REFUSAL_PROBE: &str = "NANOCHAT_SANDBOX_REFUSAL_PROBE";
+
+/// The child side of the refusal test: in a user namespace that may create no further ones, as
+/// a user other than root, the sandbox refuses. Does nothing outside that child.
+#[test]
+fn refusal_seen_from_inside() {
+    if std::env::var_os(REFUSAL_PROBE).is_none() {
+        return;
+    }
+    assert!(!is_root());
+    let err = format!("{:#}", Sandbox::new(Limits::default()).expect_err("the sandbox must refuse"));
+    println!("the refusal: {err}");
+    assert!(err.contains("refusing to run untrusted code"), "{err}");
+    assert!(err.contains("user.max_user_namespaces=0"), "the message shows the setting: {err}");
+    assert!(err.contains("kernel.apparmor_restrict_unprivileged_userns"), "{err}");
+}
+
+#[test]
+fn without_namespaces_a_user_is_refused_with_how_to_allow_them() {
+    use std::os::unix::process::CommandExt;
+    // this process's own uid, seen as 1234 inside a new user namespace whose limit of nested user
+    // namespaces is 0: a user (not root) on a system that refuses them
+    // SAFETY: getuid and getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let (uid_map, gid_map) = (format!("1234 {uid} 1\n"), format!("1234 {gid} 1\n"));
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    command.args(["--exact", "refusal_seen_from_inside", "--nocapture"]).env(REFUSAL_PROBE, "1");
+    // SAFETY: the closure makes system calls only, on strings built before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            let write = |path: &std::ffi::CStr, data: &[u8]| {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
+                let ok = fd >= 0 && libc::write(fd, data.as_ptr().cast(), data.len()) == data.len() as isize;
+                libc::close(fd);
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            if libc::unshare(libc::CLONE_NEWUSER) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            write(c"/proc/self/setgroups", b"deny")?;
+            write(c"/proc/self/uid_map", uid_map.as_bytes())?;
+            write(c"/proc/self/gid_map", gid_map.as_bytes())?;
+            write(c"/proc/sys/user/max_user_namespaces", b"0")
+        });
+    }
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = match command.output() {
+        Ok(out) => out,
+        Err(e) if std::env::var_os("NANOCHAT_REQUIRE_NAMESPACES").is_none() => {
+            eprintln!("SKIPPED: cannot make a user namespace without nested ones here ({e})");
+            return;
+        }
+        Err(e) => panic!("NANOCHAT_REQUIRE_NAMESPACES is set, but: {e}"),
+    };
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{stdout}");
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("1 passed"), "the probe did not run: {stdout}");
+}
