@@ -184,7 +184,7 @@ pub struct MetricsLog {
 
 impl MetricsLog {
     /// The log in `dir` as one rank of `comm`, for a run that starts at `start_step`: the records
-    /// of steps from `start_step` on are dropped (see [`drop_metrics_from`]).
+    /// of steps from `start_step` on are dropped (see `drop_metrics_from`).
     pub fn open(comm: &dyn Communicator, dir: &Path, start_step: usize) -> Result<MetricsLog> {
         if !comm.is_root() {
             return Ok(MetricsLog { path: None });

@@ -78,7 +78,7 @@ impl Kernels {
     }
 }
 
-/// The GEMM of the training products ([`matmul`]).
+/// The GEMM of the training products (`matmul`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Gemm {
     /// f32 operands, the `gemm` crate.
