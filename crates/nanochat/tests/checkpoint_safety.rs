@@ -26,7 +26,7 @@ const FINGERPRINT: &str = "0123456789abcdef";
 fn trained_state(cfg: &GPTConfig) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
     let dev = Device::Cpu;
     let (model, varmap) = GPT::init(cfg, 3, &dev).unwrap();
-    let mut opt = setup_optimizers(cfg, &varmap, &OptimConfig::default()).unwrap();
+    let mut opt = setup_optimizers(&model, &varmap, &OptimConfig::default()).unwrap();
     let vars: Vec<_> = opt.vars().cloned().collect();
     let v = cfg.vocab_size as u32;
     for step in 0..2u32 {
@@ -162,8 +162,8 @@ fn a_renamed_optimizer_key_is_refused_not_silently_reset() {
     // past the checksum, the optimizers refuse a state that is not exactly theirs
     record_as_saved(tmp.path(), 5, &file);
     let ckpt = checkpoint::load(tmp.path(), 5, &Device::Cpu, true, Some(FINGERPRINT)).unwrap();
-    let (_, varmap) = checkpoint::model_from_checkpoint(&ckpt, &Device::Cpu).unwrap();
-    let mut opt = setup_optimizers(&config(64), &varmap, &OptimConfig::default()).unwrap();
+    let (model, varmap) = checkpoint::model_from_checkpoint(&ckpt, &Device::Cpu).unwrap();
+    let mut opt = setup_optimizers(&model, &varmap, &OptimConfig::default()).unwrap();
     let err = opt.load_state_dict(&ckpt.optim).expect_err("a renamed key must be refused").to_string();
     assert!(err.contains("lm_head.weight.exp_avg_zz"), "{err}");
 
