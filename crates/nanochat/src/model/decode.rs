@@ -20,6 +20,9 @@
 
 mod kernels;
 pub mod quality;
+mod snapshot;
+
+pub use snapshot::SlotKv;
 
 use std::fmt;
 
