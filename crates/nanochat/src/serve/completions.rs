@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::api::MAX_TOTAL_CHARS;
-use super::openai::{error, finish_reason, finite, invalid, read_body, stream_error, submit, token_text, usage};
+use super::openai::{busy, error, finish_reason, finite, invalid, rejected, stream_error, token_text, usage};
 use super::openai::{Asked, Head, Refused, StreamOptions};
 use super::params::{parse, reject, Invalid, MAX_TOP_LOGPROBS};
 use super::workers::{Event, Finish, TokenInfo};
@@ -76,9 +76,9 @@ fn read_prompt(prompt: Prompt, tok: &bpe::Tokenizer) -> Result<(Vec<u32>, String
 }
 
 pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Json<Value>, JsonRejection>) -> Response {
-    let value = match read_body(body) {
-        Ok(value) => value,
-        Err(response) => return response,
+    let value = match body {
+        Ok(Json(value)) => value,
+        Err(rejection) => return rejected(&rejection),
     };
     let req = match parse::<CompletionRequest>(&value) {
         Ok(req) => req,
@@ -105,9 +105,9 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Json<V
     let n = asked.opts.num_samples;
     let with_logprobs = asked.opts.logprobs.is_some();
     let (stream, include_usage) = (asked.stream, asked.include_usage);
-    let mut events = match submit(&state, prompt, asked.opts, asked.stop) {
+    let mut events = match state.pool.submit(prompt, asked.opts, asked.stop) {
         Ok(events) => events,
-        Err(response) => return response,
+        Err(_) => return busy(&state),
     };
     let echoed = if echo { prompt_text } else { String::new() };
     let chunks = Chunks {

@@ -30,7 +30,6 @@ use axum::response::Response;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::api::{busy_message, rejection_status, reply_room, MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS};
 use super::params::{choices, parse, reject, Invalid, SamplingFields, MAX_TOP_LOGPROBS};
@@ -126,12 +125,10 @@ pub(super) fn invalid(invalid: Invalid) -> Response {
     error(StatusCode::BAD_REQUEST, invalid.message, param)
 }
 
-/// The request's JSON, or the error response for a body that is not.
-pub(super) fn read_body(body: Result<Json<Value>, JsonRejection>) -> Result<Value, Response> {
-    body.map(|Json(value)| value).map_err(|rejection| {
-        let (status, message) = rejection_status(&rejection);
-        error(status, message, None)
-    })
+/// The answer to a body that is not JSON.
+pub(super) fn rejected(rejection: &JsonRejection) -> Response {
+    let (status, message) = rejection_status(rejection);
+    error(status, message, None)
 }
 
 fn model_object(state: &AppState) -> Value {
@@ -254,18 +251,11 @@ fn read_messages(messages: Vec<OpenAiMessage>) -> Result<Vec<Segment>, Invalid> 
     Ok(out)
 }
 
-/// Queues a generation, or answers 503 when the server is full.
-pub(super) fn submit(
-    state: &AppState,
-    prompt: Vec<u32>,
-    opts: GenerateOptions,
-    stop: Vec<String>,
-) -> Result<UnboundedReceiver<Event>, Response> {
-    state.pool.submit(prompt, opts, stop).map_err(|_| {
-        let mut response = error(StatusCode::SERVICE_UNAVAILABLE, busy_message(state), None);
-        response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        response
-    })
+/// The 503 of a full server.
+pub(super) fn busy(state: &AppState) -> Response {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, busy_message(state), None);
+    response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    response
 }
 
 /// Everything a chat or text completion request asks for, read and checked.
@@ -307,9 +297,9 @@ pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
-    let value = match read_body(body) {
-        Ok(value) => value,
-        Err(response) => return response,
+    let value = match body {
+        Ok(Json(value)) => value,
+        Err(rejection) => return rejected(&rejection),
     };
     let req = match parse::<ChatRequest>(&value) {
         Ok(req) => req,
@@ -345,9 +335,9 @@ pub async fn chat_completions(
     let n = asked.opts.num_samples;
     let with_logprobs = asked.opts.logprobs.is_some();
     let (stream, include_usage) = (asked.stream, asked.include_usage);
-    let mut events = match submit(&state, prompt, asked.opts, asked.stop) {
+    let mut events = match state.pool.submit(prompt, asked.opts, asked.stop) {
         Ok(events) => events,
-        Err(response) => return response,
+        Err(_) => return busy(&state),
     };
     let head = Head::new("chatcmpl", &state);
     let tok = state.tokenizer.clone();
