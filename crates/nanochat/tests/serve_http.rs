@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::{get, parse, post_json, sse_events, Reply};
-use fixture::{random_engine, scripted_engine, Say};
-use nanochat::engine::{Engine, GenerateOptions};
+use fixture::{random_engine, random_engine_on, scripted_engine, Say};
+use nanochat::engine::{Backend, Engine, GenerateOptions};
 use nanochat::serve::ServerConfig;
 use oracle::{chat_prompt, config, expect, serve};
 use serde_json::{json, Value};
@@ -143,6 +143,44 @@ fn n_choices_and_logprobs_over_raw_http() -> Result<()> {
     assert_eq!(reply["usage"]["completion_tokens"], want.iter().map(|c| c.tokens).sum::<usize>());
     assert_eq!(too_many.status, 400);
     assert_eq!(too_many.json()?["error"]["param"], "n");
+    Ok(())
+}
+
+#[test]
+fn a_gpu_style_worker_serves_the_same_choices_one_request_at_a_time() -> Result<()> {
+    // the candle backend (what a GPU runs) decodes one request at a time through the engine's loop
+    let native = random_engine(12);
+    let prompt = chat_prompt(&native, "Tell me a story");
+    let opts = GenerateOptions {
+        num_samples: 2,
+        max_tokens: 10,
+        temperature: 1.0,
+        top_k: Some(50),
+        seed: 4,
+        logprobs: Some(1),
+        ..Default::default()
+    };
+    let full = expect(&native, &prompt, &opts, &[])?;
+    let stop: String = full[1].content.chars().skip(4).take(2).collect();
+    let want = expect(&native, &prompt, &opts, &[&stop])?;
+    let server = serve(random_engine_on(12, Backend::Candle), config())?;
+    let body = json!({"messages": [{"role": "user", "content": "Tell me a story"}], "n": 2, "temperature": 1,
+        "seed": 4, "max_tokens": 10, "logprobs": true, "top_logprobs": 1, "stop": stop});
+    let reply = post_json(server.addr(), "/v1/chat/completions", &body)?.json()?;
+    server.shutdown()?;
+    for (i, want) in want.iter().enumerate() {
+        let choice = &reply["choices"][i];
+        assert_eq!(choice["message"]["content"], want.content.as_str(), "choice {i}: {reply}");
+        assert_eq!(choice["finish_reason"], want.finish);
+        let content = choice["logprobs"]["content"].as_array().context("logprobs.content")?;
+        assert_eq!(content.len(), want.logprobs.len());
+        for (entry, lp) in content.iter().zip(&want.logprobs) {
+            assert!((entry["logprob"].as_f64().unwrap_or(0.0) - lp.logprob as f64).abs() < 1e-3, "{entry}");
+        }
+    }
+    assert_eq!(want[1].finish, "stop", "the stop string ends the second choice");
+    assert_eq!(reply["usage"]["completion_tokens"], want.iter().map(|c| c.tokens).sum::<usize>());
+    assert_eq!(reply["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "no prompt cache on this backend");
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use nanochat::engine::Engine;
+use nanochat::engine::{Backend, Engine};
 use nanochat::model::{GPTConfig, GPT};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -53,15 +53,20 @@ fn config(tok: &bpe::Tokenizer, n_layer: usize, n_head: usize, n_embd: usize) ->
     GPTConfig { sequence_len: 64, vocab_size: tok.vocab_size(), n_layer, n_head, n_kv_head: 1, n_embd }
 }
 
-fn engine(config: &GPTConfig, weights: HashMap<String, Tensor>, tok: bpe::Tokenizer) -> Engine {
+fn engine(config: &GPTConfig, weights: HashMap<String, Tensor>, tok: bpe::Tokenizer, backend: Backend) -> Engine {
     let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
-    Engine::new(GPT::new(config, vb).expect("the fixture model"), tok).expect("the fixture engine")
+    Engine::with_backend(GPT::new(config, vb).expect("the fixture model"), tok, backend).expect("the fixture engine")
 }
 
 /// Two layers, width 64, two query heads sharing one kv head, 640 positions; every weight
 /// uniform in ±0.35, seeded, except that the special tokens' logits are 0, far below the
 /// largest: replies are ordinary text that runs to its token budget.
 pub fn random_engine(seed: u64) -> Engine {
+    random_engine_on(seed, Backend::Native)
+}
+
+/// [`random_engine`] on the given backend (the candle one is what a GPU worker runs).
+pub fn random_engine_on(seed: u64, backend: Backend) -> Engine {
     let tok = tokenizer();
     let config = config(&tok, 2, 2, 64);
     let mut rng = StdRng::seed_from_u64(seed);
@@ -76,7 +81,7 @@ pub fn random_engine(seed: u64) -> Engine {
             (name, Tensor::from_vec(values, (rows, cols), &Device::Cpu).expect("a weight"))
         })
         .collect();
-    engine(&config, weights, tok)
+    engine(&config, weights, tok, backend)
 }
 
 /// What the scripted model writes after `<|assistant_start|>`: pieces of text and special tokens.
@@ -135,5 +140,5 @@ pub fn scripted_engine(script: &[Say]) -> Engine {
         }
         weights.insert(name, Tensor::from_vec(values, (rows, cols), &Device::Cpu).expect("a weight"));
     }
-    engine(&config, weights, tok)
+    engine(&config, weights, tok, Backend::Native)
 }
