@@ -209,8 +209,20 @@ fn the_native_api_takes_the_new_fields_and_shows_the_calculator_as_text() -> Res
         ..Default::default()
     };
     let full = expect(&engine, &prompt, &opts, &[])?;
-    // a stop string from the middle of the reply
-    let stop: String = full[0].content.chars().skip(full[0].content.chars().count() / 2).take(3).collect();
+    // a stop string of the last character of one token and the first of the next, found nowhere
+    // earlier: it is only seen once both tokens are in
+    let chars: Vec<char> = full[0].content.chars().collect();
+    let stop = full[0]
+        .offsets
+        .windows(3)
+        .filter(|w| w[0] < w[1] && w[1] < w[2])
+        .map(|w| (w[1], chars[w[1] - 1..=w[1]].iter().collect::<String>()))
+        .find(|(at, stop)| {
+            let byte = chars[..at - 1].iter().map(|c| c.len_utf8()).sum::<usize>();
+            full[0].content.find(stop.as_str()) == Some(byte)
+        })
+        .map(|(_, stop)| stop)
+        .context("no stop string straddles two tokens")?;
     let want = expect(&engine, &prompt, &opts, &[&stop])?;
     let server = serve(engine, config())?;
     let body = json!({"messages": [{"role": "user", "content": "What is a cache?"}], "temperature": 1,
