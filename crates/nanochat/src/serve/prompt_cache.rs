@@ -130,11 +130,11 @@ mod tests {
         let config = GPTConfig { sequence_len: 32, vocab_size: 64, n_layer: 2, n_head: 2, n_kv_head: 1, n_embd: 32 };
         let mut rng = StdRng::seed_from_u64(3);
         let weights: HashMap<String, Tensor> = config
-            .param_shapes()
+            .params()
             .into_iter()
-            .map(|(name, (rows, cols))| {
-                let values: Vec<f32> = (0..rows * cols).map(|_| rng.random::<f32>() - 0.5).collect();
-                (name, Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap())
+            .map(|spec| {
+                let values: Vec<f32> = (0..spec.numel()).map(|_| rng.random::<f32>() - 0.5).collect();
+                (spec.name, Tensor::from_vec(values, spec.shape, &Device::Cpu).unwrap())
             })
             .collect();
         let gpt = GPT::new(&config, VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu)).unwrap();

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use nanochat::engine::{Backend, Engine};
-use nanochat::model::{GPTConfig, GPT};
+use nanochat::model::{GPTConfig, Param, GPT};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -71,14 +71,14 @@ pub fn random_engine_on(seed: u64, backend: Backend) -> Engine {
     let config = config(&tok, 2, 2, 64);
     let mut rng = StdRng::seed_from_u64(seed);
     let weights = config
-        .param_shapes()
+        .params()
         .into_iter()
-        .map(|(name, (rows, cols))| {
-            let mut values: Vec<f32> = (0..rows * cols).map(|_| (rng.random::<f32>() - 0.5) * 0.7).collect();
-            if name.contains("lm_head") {
-                values[tok.n_mergeable() * cols..].fill(0.0);
+        .map(|spec| {
+            let mut values: Vec<f32> = (0..spec.numel()).map(|_| (rng.random::<f32>() - 0.5) * 0.7).collect();
+            if spec.param == Param::LmHead {
+                values[tok.n_mergeable() * config.n_embd..].fill(0.0);
             }
-            (name, Tensor::from_vec(values, (rows, cols), &Device::Cpu).expect("a weight"))
+            (spec.name, Tensor::from_vec(values, spec.shape, &Device::Cpu).expect("a weight"))
         })
         .collect();
     engine(&config, weights, tok, backend)
@@ -126,19 +126,23 @@ pub fn scripted_engine(script: &[Say]) -> Engine {
     }
     assert!(basis.len() <= n_embd, "a script of more than {n_embd} distinct tokens");
     let mut weights: HashMap<String, Tensor> = HashMap::new();
-    for (name, (rows, cols)) in config.param_shapes() {
-        let mut values = vec![0.0f32; rows * cols];
-        if name.contains("wte") {
-            for (&token, &b) in &basis {
-                values[token as usize * cols + b] = 1.0;
+    for spec in config.params() {
+        let mut values = vec![0.0f32; spec.numel()];
+        match spec.param {
+            Param::Wte => {
+                for (&token, &b) in &basis {
+                    values[token as usize * n_embd + b] = 1.0;
+                }
             }
-        } else if name.contains("lm_head") {
-            assert_eq!((rows, cols), (vocab, n_embd));
-            for (from, to) in &next {
-                values[*to as usize * cols + basis[from]] = 10.0;
+            Param::LmHead => {
+                assert_eq!(spec.shape, [vocab, n_embd]);
+                for (from, to) in &next {
+                    values[*to as usize * n_embd + basis[from]] = 10.0;
+                }
             }
+            Param::Block(..) => {}
         }
-        weights.insert(name, Tensor::from_vec(values, (rows, cols), &Device::Cpu).expect("a weight"));
+        weights.insert(spec.name, Tensor::from_vec(values, spec.shape, &Device::Cpu).expect("a weight"));
     }
     engine(&config, weights, tok, Backend::Native)
 }
