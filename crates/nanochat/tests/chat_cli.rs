@@ -51,7 +51,8 @@ fn expected_reply(question: &str, max_tokens: usize) -> Result<String> {
         vec![special("<|user_end|>")?, special("<|assistant_start|>")?],
     ]
     .concat();
-    let opts = GenerateOptions { num_samples: 1, max_tokens, temperature: 0.0, top_k: None, seed: 0 };
+    let opts =
+        GenerateOptions { num_samples: 1, max_tokens, temperature: 0.0, top_k: None, seed: 0, ..Default::default() };
     let mut text = TextStream::new();
     let mut reply = String::new();
     for step in engine.generate(&prompt, &opts)? {

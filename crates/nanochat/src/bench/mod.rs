@@ -6,6 +6,7 @@
 pub mod decode;
 pub mod gemm;
 pub mod quality;
+pub mod serve;
 pub mod train;
 
 use anyhow::Result;
@@ -58,6 +59,9 @@ pub enum BenchCommand {
     /// GEMM GFLOP/s (f32, and bf16 where the CPU has AVX-512 BF16) at the training step's shapes:
     /// the measured peak for the step's figures.
     Gemm(gemm::GemmBenchArgs),
+    /// The web server: time to first token of a long conversation's turns with and without the
+    /// prompt cache, and decode tokens/s with the sampling options.
+    Serve(serve::ServeBenchArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -65,6 +69,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Train(args) => train::run(&args),
         BenchCommand::Decode(args) => decode::run(&args),
         BenchCommand::Gemm(args) => gemm::run(&args),
+        BenchCommand::Serve(args) => serve::run(&args),
     }
 }
 

@@ -21,6 +21,9 @@
 //! The weights are taken from the GPT by [`Param`], the parameter table's names for them.
 
 mod kernels;
+mod snapshot;
+
+pub use snapshot::SlotKv;
 
 use std::fmt;
 

@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use nanochat::engine::{Engine, GenerateOptions};
 use nanochat::model::{GPTConfig, GPT};
-use nanochat::serve::workers::ReplyText;
+use nanochat::serve::transcript::ReplyText;
 use nanochat::serve::{Server, ServerConfig};
 use serde_json::{json, Value};
 
@@ -50,6 +50,9 @@ pub fn config(queue: usize, time_limit: Duration) -> ServerConfig {
         temperature: 0.0,
         top_k: 50,
         max_tokens: 16,
+        prompt_cache_bytes: 64 << 20,
+        cors_origins: Vec::new(),
+        api_key: None,
     }
 }
 
@@ -146,7 +149,8 @@ pub fn greedy(engine: &Engine, question: &str, max_tokens: usize) -> Result<(Vec
         vec![special("<|user_end|>")?, special("<|assistant_start|>")?],
     ]
     .concat();
-    let opts = GenerateOptions { num_samples: 1, max_tokens, temperature: 0.0, top_k: None, seed: 0 };
+    let opts =
+        GenerateOptions { num_samples: 1, max_tokens, temperature: 0.0, top_k: None, seed: 0, ..Default::default() };
     let (reply, count) = reply_text(engine, &prompt, &opts)?;
     Ok((prompt, reply, count))
 }
