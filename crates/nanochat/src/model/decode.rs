@@ -221,7 +221,8 @@ pub struct DecodeModel {
     wte: Vec<f32>,
     layers: Vec<Layer>,
     lm_head: Matrix,
-    /// bf16-rounded cos and sin, (positions × head_dim/2), shared with `GPT::rotary`.
+    /// cos and sin, (positions × head_dim/2), shared with `GPT::rotary` (bf16-rounded unless the
+    /// config records fp32 tables).
     cos: Vec<f32>,
     sin: Vec<f32>,
     rotary_len: usize,
@@ -281,14 +282,17 @@ impl DecodeModel {
         let named = gpt.named_weights();
         let shapes = config.param_shapes();
         ensure!(named.len() == shapes.len(), "the GPT has {} weights, its config {}", named.len(), shapes.len());
-        let mut weights = Vec::with_capacity(named.len());
         for ((name, tensor), (want_name, (rows, cols))) in named.iter().zip(&shapes) {
             ensure!(name == want_name, "weight {name} where {want_name} was expected");
             ensure!(tensor.dims() == [*rows, *cols], "{name} is {:?}, expected [{rows}, {cols}]", tensor.dims());
-            weights.push(host_vec(tensor).with_context(|| format!("copying {name}"))?);
         }
-        let mut weights = weights.into_iter();
-        let mut next = || weights.next().context("fewer weights than the config lists");
+        // one weight copied (and converted) at a time: a model of billions of parameters never has
+        // a second full f32 copy besides the GPT's
+        let mut weights = named.iter();
+        let mut next = || -> Result<Vec<f32>> {
+            let (name, tensor) = weights.next().context("fewer weights than the config lists")?;
+            host_vec(tensor).with_context(|| format!("copying {name}"))
+        };
         let wte = next()?;
         let c = config.n_embd;
         let kvd = config.n_kv_head * config.head_dim();

@@ -8,5 +8,5 @@ pub mod gpt;
 pub mod kv_cache;
 pub mod ops;
 
-pub use gpt::{named_vars, GPTConfig, Reduction, GPT};
+pub use gpt::{named_vars, GPTConfig, Reduction, RotaryTables, GPT};
 pub use kv_cache::KvCache;
