@@ -336,8 +336,11 @@ fn the_originals_newer_architecture_is_refused_naming_what_it_has() {
 /// a redirect, as the hub sends them to its CDN). Records each request's path and Authorization.
 struct HubServer {
     url: String,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
 }
+
+/// A request's path and Authorization header.
+type Seen = (String, Option<String>);
 
 impl HubServer {
     fn start(repo: &str, rev: &str, files: Vec<(String, Vec<u8>)>) -> HubServer {
@@ -397,7 +400,7 @@ impl HubServer {
         HubServer { url, seen }
     }
 
-    fn requests(&self, prefix: &str) -> Vec<(String, Option<String>)> {
+    fn requests(&self, prefix: &str) -> Vec<Seen> {
         self.seen.lock().unwrap().iter().filter(|(p, _)| p.starts_with(prefix)).cloned().collect()
     }
 }

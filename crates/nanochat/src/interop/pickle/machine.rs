@@ -173,7 +173,7 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, dict: Value, items: &[Value]) -> Result<(), PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.malformed("an odd number of dict items"));
         }
         self.charge(16 * items.len())?;
