@@ -146,6 +146,54 @@ fn a_transformers_directory_imports_to_its_logits_and_greedy_tokens() -> Result<
 }
 
 #[test]
+fn sharded_and_tied_transformers_layouts_import_the_same_weights() -> Result<()> {
+    use checkpoint::tensor_file::{Planned, Reader, Writer};
+    let src = fixtures().join("hf/model");
+    let (single_dir, sharded, tied) = (tempfile::tempdir()?, tempfile::tempdir()?, tempfile::tempdir()?);
+    let (reference, _) = import_into(&src, single_dir.path())?;
+    let mut file = Reader::open(&src.join("model.safetensors"), None)?;
+    let entries = file.header.entries.clone();
+    // two shards and their index, as save_pretrained writes a big model; and one file without
+    // lm_head, whose config ties it to the embedding
+    let (first, second) = entries.split_at(entries.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (name, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let planned = part.iter().map(|e| Planned { name: e.name.clone(), dtype: e.dtype, shape: e.shape.clone() });
+        let mut writer = Writer::create(&sharded.path().join(name), planned.collect(), &Default::default())?;
+        for e in part {
+            writer.write(&file.bytes(e)?)?;
+            weight_map.insert(e.name.clone(), Value::from(name));
+        }
+        writer.finish()?;
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(sharded.path().join("model.safetensors.index.json"), serde_json::to_vec(&index)?)?;
+    let untied: Vec<_> = entries.iter().filter(|e| e.name != "lm_head.weight").collect();
+    let planned = untied.iter().map(|e| Planned { name: e.name.clone(), dtype: e.dtype, shape: e.shape.clone() });
+    let mut writer = Writer::create(&tied.path().join("model.safetensors"), planned.collect(), &Default::default())?;
+    for e in &untied {
+        writer.write(&file.bytes(e)?)?;
+    }
+    writer.finish()?;
+    let mut config: Value = serde_json::from_slice(&std::fs::read(src.join("config.json"))?)?;
+    for dir in [sharded.path(), tied.path()] {
+        std::fs::copy(src.join("tokenizer.json"), dir.join("tokenizer.json"))?;
+        config["tie_word_embeddings"] = Value::Bool(dir == tied.path());
+        std::fs::write(dir.join("config.json"), serde_json::to_vec(&config)?)?;
+    }
+
+    let out = tempfile::tempdir()?;
+    let (from_shards, _) = import_into(sharded.path(), &out.path().join("sharded"))?;
+    for (name, t) in &reference.model {
+        assert_eq!(max_diff(t, &from_shards.model[name])?, 0.0, "sharded {name}");
+    }
+    let (from_tied, _) = import_into(tied.path(), &out.path().join("tied"))?;
+    let embed = &reference.model["transformer.wte.weight"];
+    assert_eq!(max_diff(&from_tied.model["lm_head.weight"], embed)?, 0.0, "the tied lm_head is the embedding");
+    Ok(())
+}
+
+#[test]
 fn a_compiled_all_bf16_checkpoint_imports_under_the_original_names() -> Result<()> {
     // `_orig_mod.` prefixes (torch.compile), every weight bf16: the import is the bf16 rounding of
     // the original fixture's weights

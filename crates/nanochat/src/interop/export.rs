@@ -35,7 +35,9 @@ pub enum ExportFormat {
 /// The weight precision of an export.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportDtype {
+    /// Full precision: exactly the model's weights.
     F32,
+    /// Rounded to bfloat16 (nearest even): half the size.
     Bf16,
 }
 

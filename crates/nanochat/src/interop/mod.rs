@@ -105,7 +105,9 @@ pub struct Plan {
 pub enum StoreDtype {
     /// As they come (f16 and f64 become f32).
     Keep,
+    /// Full precision, 4 bytes a weight.
     F32,
+    /// Rounded to bfloat16 (nearest even), 2 bytes a weight; loads as f32.
     Bf16,
 }
 
