@@ -33,16 +33,8 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn len(&self) -> u64 {
+    pub fn byte_len(&self) -> u64 {
         self.end - self.begin
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.begin == self.end
-    }
-
-    pub fn elements(&self) -> usize {
-        self.shape.iter().product()
     }
 }
 
@@ -50,7 +42,6 @@ impl Entry {
 #[derive(Debug, Clone)]
 pub struct Header {
     pub entries: Vec<Entry>,
-    pub metadata: BTreeMap<String, String>,
 }
 
 /// The dtype names of the format, for the element types checkpoints use.
@@ -102,14 +93,10 @@ pub fn read_header(file: &mut File, file_len: u64) -> Result<Header> {
     let Value::Object(map) = value else { bail!("the header is not a JSON object") };
     let data_start = 8 + n;
     let data_len = file_len - data_start;
-    let mut header = Header { entries: Vec::with_capacity(map.len()), metadata: BTreeMap::new() };
+    let mut header = Header { entries: Vec::with_capacity(map.len()) };
     for (name, info) in map {
+        // free-form strings (transformers writes {"format": "pt"}); nothing here reads them
         if name == "__metadata__" {
-            let Value::Object(meta) = info else { bail!("__metadata__ is not an object") };
-            for (k, v) in meta {
-                let Value::String(v) = v else { bail!("__metadata__ value of {k:?} is not a string") };
-                header.metadata.insert(k, v);
-            }
             continue;
         }
         let field = |key: &str| info.get(key).with_context(|| format!("tensor {name:?} has no {key}"));
@@ -148,7 +135,7 @@ pub fn read_header(file: &mut File, file_len: u64) -> Result<Header> {
 
 /// The raw little-endian bytes of `entry`.
 pub fn read_bytes(file: &mut File, entry: &Entry) -> Result<Vec<u8>> {
-    let mut bytes = vec![0u8; usize::try_from(entry.len()).context("a tensor larger than memory")?];
+    let mut bytes = vec![0u8; usize::try_from(entry.byte_len()).context("a tensor larger than memory")?];
     file.seek(SeekFrom::Start(entry.begin))?;
     file.read_exact(&mut bytes).with_context(|| format!("reading tensor {}", entry.name))?;
     Ok(bytes)
@@ -177,10 +164,6 @@ impl Reader {
         let header = read_header(&mut file, len)
             .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
         Ok(Reader { path: path.to_path_buf(), file, header })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// The raw bytes of `entry` (one of this file's).

@@ -96,10 +96,6 @@ impl TorchFile {
         Ok(torch)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The bytes of entry `name`, which must be stored uncompressed (as PyTorch writes) and at most
     /// `limit` bytes.
     fn entry(&mut self, name: &str, limit: u64) -> Result<Vec<u8>> {
@@ -120,7 +116,7 @@ impl TorchFile {
     pub fn read(&mut self, t: &TorchTensor) -> Result<Vec<u8>> {
         let es = t.dtype.size_in_bytes();
         let name = format!("{}/data/{}", self.prefix, t.key);
-        let storage = self.entry(&name, u64::MAX)?;
+        let storage = self.entry(&name, u64::MAX).with_context(|| format!("reading {}", self.path.display()))?;
         ensure!(
             storage.len() == t.storage_numel * es,
             "{name} holds {} bytes for {} elements of {:?}",
