@@ -490,8 +490,8 @@ fn a_transformers_repository_is_fetched_from_the_hub_with_the_token_and_not_twic
     let hub = HubServer::start("someone/nanochat-tiny", "main", files_of(&fixtures().join("hf/model")));
     let base = tempfile::tempdir()?;
     let out = ok(import_from_hub(&hub, "hf:someone/nanochat-tiny", base.path(), &[])?)?;
-    assert!(out.contains("nanochat chat -i sft -g d2"), "{out}");
-    let dir = base.path().join("chatsft_checkpoints/d2");
+    assert!(out.contains("nanochat chat -i sft -g nanochat-tiny"), "{out}");
+    let dir = base.path().join("chatsft_checkpoints/nanochat-tiny");
     let diff = first_prompt_diff(&dir, "hf")?;
     println!("hub import: logits max|diff| {diff:.3e}");
     assert!(diff <= TOL);

@@ -189,7 +189,8 @@ pub struct ImportArgs {
     /// or rl [default: the original's directory name says (base_checkpoints, ...), else sft].
     #[arg(short = 'i', long, value_enum)]
     pub source: Option<Source>,
-    /// Its model tag, the directory name under the stage's checkpoints [default: d<depth>].
+    /// Its model tag, the directory name under the stage's checkpoints [default: the repository's
+    /// or directory's name (an original checkpoint directory is named d<depth>), else d<depth>].
     #[arg(short = 'g', long)]
     pub model_tag: Option<String>,
     /// Which step of an original checkpoint directory [default: the latest].
@@ -209,14 +210,23 @@ pub struct ImportArgs {
 }
 
 /// A model tag is one plain directory name.
-fn check_tag(tag: &str) -> Result<()> {
-    let plain = !tag.is_empty()
-        && tag != "."
-        && tag != ".."
-        && !tag.starts_with('.')
-        && tag.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    ensure!(plain, "model tag {tag:?}: use letters, digits, '-', '_' and '.' only (it names a directory)");
-    Ok(())
+fn is_plain_tag(tag: &str) -> bool {
+    !tag.is_empty() && !tag.starts_with('.') && tag.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// The tag an import gets unless told: the name it had (the hub repository's, or the directory's),
+/// so that it does not take the place of a model of the same depth trained here.
+fn default_tag(src: &str, config: &GPTConfig) -> String {
+    let name = match src.strip_prefix("hf:") {
+        Some(repo) => repo.split('@').next().and_then(|r| r.rsplit('/').next()).map(str::to_string),
+        None => {
+            let path = Path::new(src);
+            let dir = if path.is_file() { path.parent() } else { Some(path) };
+            dir.and_then(|d| std::fs::canonicalize(d).ok())
+                .and_then(|d| Some(d.file_name()?.to_string_lossy().into_owned()))
+        }
+    };
+    name.filter(|n| is_plain_tag(n)).unwrap_or_else(|| format!("d{}", config.n_layer))
 }
 
 /// The plan for a local source: a transformers directory, an original checkpoint directory, or
@@ -253,8 +263,8 @@ pub fn run_import(args: ImportArgs) -> Result<()> {
         None => plan_local(Path::new(&args.src), args.step, args.tokenizer.as_deref())?,
     };
     let stage = args.source.or(plan.stage).unwrap_or(Source::Sft);
-    let tag = args.model_tag.clone().unwrap_or_else(|| format!("d{}", plan.config.n_layer));
-    check_tag(&tag)?;
+    let tag = args.model_tag.clone().unwrap_or_else(|| default_tag(&args.src, &plan.config));
+    ensure!(is_plain_tag(&tag), "model tag {tag:?}: use letters, digits, '-', '_' and '.' only (it names a directory)");
     let dir = stage.checkpoints_dir().join(&tag);
     if checkpoint::latest_step(&dir)?.is_some() || dir.join(crate::tokenizer::CHECKPOINT_TOKENIZER).exists() {
         ensure!(
