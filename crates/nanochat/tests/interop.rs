@@ -527,3 +527,28 @@ fn an_original_checkpoint_repository_is_fetched_at_a_revision() -> Result<()> {
     assert!(bad.contains("hf:OWNER/REPO"), "{bad}");
     Ok(())
 }
+
+/// transformers loads an export with no custom code and reproduces its own outputs (a model that came
+/// from transformers, so the rotary convention is the same): needs Python with transformers
+/// (`NANOCHAT_PYTHON`, default python3); skipped without it unless NANOCHAT_REQUIRE_TRANSFORMERS=1.
+#[test]
+fn transformers_loads_the_export_and_reproduces_its_own_outputs() -> Result<()> {
+    let python = std::env::var("NANOCHAT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python).args(["-c", "from transformers import NanoChatForCausalLM"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var_os("NANOCHAT_REQUIRE_TRANSFORMERS").is_none(),
+            "{python} cannot import transformers' NanoChatForCausalLM"
+        );
+        println!("skipped: {python} has no transformers with NanoChatForCausalLM (set NANOCHAT_PYTHON)");
+        return Ok(());
+    }
+    let base = tempfile::tempdir()?;
+    ok(nanochat(&["import", fixtures().join("hf/model").to_str().unwrap(), "-g", "tiny"], base.path())?)?;
+    let export = base.path().join("export");
+    ok(nanochat(&["export", export.to_str().unwrap(), "-i", "sft", "-g", "tiny"], base.path())?)?;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/transformers/load_export.py");
+    let out = Command::new(&python).arg(script).arg(&export).arg(fixtures()).output()?;
+    println!("{}", ok(out)?);
+    Ok(())
+}

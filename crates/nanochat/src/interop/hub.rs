@@ -137,7 +137,7 @@ fn needed(files: &[RemoteFile]) -> Result<Vec<RemoteFile>> {
         files.iter().filter(|f| names.contains(&f.path.as_str())).cloned().collect()
     };
     if has("config.json") {
-        let mut out = pick(&["config.json", "tokenizer.json", "tokenizer.pkl", "tokenizer_config.json"]);
+        let mut out = pick(&["config.json", "tokenizer.json", "tokenizer.pkl"]);
         if has("model.safetensors") {
             out.extend(pick(&["model.safetensors"]));
         } else if has("model.safetensors.index.json") {
