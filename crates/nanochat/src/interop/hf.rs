@@ -86,7 +86,7 @@ pub fn config_of(cfg: &Value) -> Result<GPTConfig> {
         n_embd,
         rotary,
     };
-    config.validate()?;
+    super::check_config(&config)?;
     Ok(config)
 }
 
@@ -166,6 +166,14 @@ pub fn plan(dir: &Path) -> Result<Plan> {
     );
     config.vocab_size = tokenizer.vocab_size();
     let (sources, mut at) = open_weights(dir)?;
+    // six weights a layer: a config claiming more layers than there are tensors sizes nothing
+    ensure!(
+        config.n_layer.saturating_mul(6).saturating_add(1) <= at.len(),
+        "{}: num_hidden_layers is {} but the weights hold {} tensors",
+        config_path.display(),
+        config.n_layer,
+        at.len()
+    );
     let tied = cfg.get("tie_word_embeddings").and_then(Value::as_bool) == Some(true);
     let table = names::table(&config)?;
     let mut weights = Vec::with_capacity(table.len());

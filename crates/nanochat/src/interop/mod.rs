@@ -100,6 +100,21 @@ pub struct Plan {
     pub sources: Sources,
 }
 
+/// Longest context an imported model may claim: the rotary tables cover 10× it, and nothing in the
+/// weights bounds it (the original's models use 2,048).
+const MAX_SEQUENCE_LEN: usize = 1 << 16;
+
+/// A config the model can run with, and whose context does not ask for unbounded tables.
+fn check_config(config: &GPTConfig) -> Result<()> {
+    config.validate()?;
+    ensure!(
+        config.sequence_len > 0 && config.sequence_len <= MAX_SEQUENCE_LEN,
+        "a context of {} tokens: expected 1 to {MAX_SEQUENCE_LEN}",
+        config.sequence_len
+    );
+    Ok(())
+}
+
 /// The precision an import stores weights in.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreDtype {

@@ -128,6 +128,7 @@ pub fn plan(dir: &Path, step: Option<usize>, tokenizer_dir: Option<&Path>) -> Re
         .with_context(|| format!("{} is not JSON", meta_path.display()))?;
     let mut unsupported = Vec::new();
     let mut config = config_of(&meta, &mut unsupported).with_context(|| format!("reading {}", meta_path.display()))?;
+    super::check_config(&config).with_context(|| format!("{}: its model_config cannot run", meta_path.display()))?;
 
     let file = TorchFile::open(&model_path)?;
     let Contents::StateDict(entries) = &file.contents else {
@@ -135,12 +136,21 @@ pub fn plan(dir: &Path, step: Option<usize>, tokenizer_dir: Option<&Path>) -> Re
     };
     let entries: Vec<(String, TorchTensor)> =
         entries.iter().map(|(k, t)| (k.strip_prefix("_orig_mod.").unwrap_or(k).to_string(), t.clone())).collect();
-    let expected = config.param_shapes();
+    // every layer has six weights: a config claiming more layers than the file has tensors is not
+    // this file's (and must not size anything)
+    ensure!(
+        config.n_layer.saturating_mul(6).saturating_add(2) <= entries.len(),
+        "{}: model_config says {} layers, but the state dict has {} tensors",
+        model_path.display(),
+        config.n_layer,
+        entries.len()
+    );
+    let expected = super::names::table(&config)?;
     let mut newer = BTreeSet::new();
     for (name, _) in &entries {
         if let Some((_, what)) = NEWER_PARAMS.iter().find(|(p, _)| name.starts_with(p) || name.contains(p)) {
             newer.insert(*what);
-        } else if !expected.iter().any(|(n, _)| n == name) {
+        } else if !expected.iter().any(|p| p.ours == *name) {
             unsupported.push(format!("parameter {name}"));
         }
     }
@@ -148,10 +158,9 @@ pub fn plan(dir: &Path, step: Option<usize>, tokenizer_dir: Option<&Path>) -> Re
     if !unsupported.is_empty() {
         return Err(refuse(&model_path, &unsupported));
     }
-    config.validate().with_context(|| format!("{}: its model_config cannot run", meta_path.display()))?;
 
     let mut weights = Vec::with_capacity(expected.len());
-    for (name, (rows, cols)) in expected {
+    for super::names::NamePair { ours: name, rows, cols, .. } in expected {
         let tensor = entries
             .iter()
             .find(|(n, _)| *n == name)
