@@ -353,6 +353,34 @@ fn hostile_pickles_are_refused_without_running_anything() -> Result<()> {
     let err = pickle::read(&bomb, pickle::Allowed::Tiktoken).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("more than"), "the codecs bomb: {err:?}");
 
+    // configs that would size things the files do not hold: refused before anything is allocated
+    let tmp = tempfile::tempdir()?;
+    std::fs::copy(fixtures().join("original/base_checkpoints/d2/model_000010.pt"), tmp.path().join("model_000010.pt"))?;
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("original/base_checkpoints/d2/meta_000010.json"))?)?;
+    let tok = fixtures().join("original/tokenizer");
+    for (key, value, says) in [
+        ("n_layer", 1u64 << 40, "layers"),
+        ("sequence_len", 1 << 40, "context"),
+        ("n_head", 0, "n_head"),
+        ("vocab_size", 1 << 40, "needs"),
+    ] {
+        let mut meta = meta.clone();
+        meta["model_config"][key] = Value::from(value);
+        std::fs::write(tmp.path().join("meta_000010.json"), serde_json::to_vec(&meta)?)?;
+        let err = format!("{:#}", interop::plan_local(tmp.path(), None, Some(&tok)).err().unwrap());
+        assert!(err.contains(says), "{key} = {value}: {err}");
+    }
+    let hf = tempfile::tempdir()?;
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixtures().join("hf/model").join(f), hf.path().join(f))?;
+    }
+    let mut config: Value = serde_json::from_slice(&std::fs::read(fixtures().join("hf/model/config.json"))?)?;
+    config["num_hidden_layers"] = Value::from(1u64 << 40);
+    std::fs::write(hf.path().join("config.json"), serde_json::to_vec(&config)?)?;
+    let err = format!("{:#}", interop::plan_local(hf.path(), None, None).err().unwrap());
+    assert!(err.contains("num_hidden_layers"), "{err}");
+
     // damaged PyTorch files: cut short
     let tmp = tempfile::tempdir()?;
     let good = std::fs::read(fixtures().join("original/base_checkpoints/d2/model_000010.pt"))?;
