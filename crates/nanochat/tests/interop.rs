@@ -353,6 +353,18 @@ fn hostile_pickles_are_refused_without_running_anything() -> Result<()> {
     let err = pickle::read(&bomb, pickle::Allowed::Tiktoken).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(err.contains("more than"), "the codecs bomb: {err:?}");
 
+    // a tokenizer of absurdly long tokens (building one looks at every split of every token) is
+    // refused rather than worked through for hours
+    let mut long = tokenizer_json::to_json(&original::tokenizer_from_pickle(
+        &fixtures().join("original/tokenizer/tokenizer.pkl"),
+    )?);
+    let vocab = long["model"]["vocab"].as_object_mut().unwrap();
+    let merged = vocab.iter().find(|(_, id)| id.as_u64() == Some(300)).map(|(k, _)| k.clone()).unwrap();
+    vocab.remove(&merged);
+    vocab.insert("a".repeat(1 << 16), Value::from(300));
+    let err = format!("{:#}", tokenizer_json::from_json(&long).err().unwrap());
+    assert!(err.contains("longer than any real vocabulary"), "{err}");
+
     // configs that would size things the files do not hold: refused before anything is allocated
     let tmp = tempfile::tempdir()?;
     std::fs::copy(fixtures().join("original/base_checkpoints/d2/model_000010.pt"), tmp.path().join("model_000010.pt"))?;

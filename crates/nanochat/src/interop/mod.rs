@@ -115,6 +115,17 @@ fn check_config(config: &GPTConfig) -> Result<()> {
     Ok(())
 }
 
+/// Building a tokenizer looks up every split of every token (work quadratic in a token's length):
+/// real vocabularies cost a few million steps, a hostile one of huge tokens could cost years.
+const MAX_VOCAB_WORK: u64 = 1 << 30;
+
+/// The tokenizer of `tokens` (by id) and split `pattern`, read from another format.
+fn tokenizer_from_parts(tokens: Vec<Vec<u8>>, pattern: &str) -> Result<bpe::Tokenizer> {
+    let work: u64 = tokens.iter().map(|t| (t.len() as u64).pow(2)).sum();
+    ensure!(work <= MAX_VOCAB_WORK, "its tokens are far longer than any real vocabulary's ({work} split steps)");
+    Ok(bpe::Tokenizer::from_tokens(tokens, pattern)?)
+}
+
 /// The precision an import stores weights in.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreDtype {

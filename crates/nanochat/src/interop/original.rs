@@ -280,7 +280,7 @@ pub fn tokenizer_from_pickle(path: &Path) -> Result<bpe::Tokenizer> {
         found == want,
         bad(&format!("its special tokens are {found:?}, not nanochat's nine after the {n} mergeable tokens"))
     );
-    bpe::Tokenizer::from_tokens(tokens, pattern).with_context(|| format!("{}: unusable tokenizer", path.display()))
+    super::tokenizer_from_parts(tokens, pattern).with_context(|| format!("{}: unusable tokenizer", path.display()))
 }
 
 /// Checks the original's `token_bytes.pt` against `tokenizer`: v0's `tok_train.py` stores, per id,

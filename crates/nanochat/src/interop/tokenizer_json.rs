@@ -126,7 +126,7 @@ pub fn from_json(v: &Value) -> Result<bpe::Tokenizer> {
     let want: Vec<(u64, String)> =
         bpe::SPECIAL_TOKENS.iter().enumerate().map(|(i, s)| ((n + i) as u64, s.to_string())).collect();
     ensure!(specials == want, "its added tokens are {specials:?}, not nanochat's nine after the {n} mergeable ones");
-    Ok(bpe::Tokenizer::from_tokens(tokens, &pattern)?)
+    super::tokenizer_from_parts(tokens, &pattern)
 }
 
 /// The regex of a `Sequence[Split(Regex, Isolated), ByteLevel(use_regex: false)]` pre-tokenizer.
