@@ -26,6 +26,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 mod select;
+pub mod tensor_file;
 
 pub use select::{default_model_tag, Located, ModelArgs, Source};
 
@@ -301,29 +302,20 @@ fn read_optim(dir: &Path, meta: &Meta, device: &Device) -> Result<HashMap<String
     Ok(state)
 }
 
-/// Reads one tensor file, after checking it exists and has the size the meta recorded.
+/// Reads one tensor file, after checking it exists and has the size the meta recorded, a tensor
+/// at a time (a big model is never in memory twice); f16 and bf16 tensors (imported models keep
+/// the precision they came in) are widened to f32.
 fn read_tensors(path: &Path, meta: &Meta, device: &Device) -> Result<HashMap<String, Tensor>> {
     let name = file_name(path);
     let Some(&expected) = meta.files.get(&name) else {
         bail!("the checkpoint meta of step {} lists no {name}: it was saved without it", meta.step);
     };
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!("{} is missing: the checkpoint is incomplete; resume from another step", path.display())
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    if bytes.len() as u64 != expected {
-        bail!(
-            "{} is {} bytes but the checkpoint recorded {expected}: the file is truncated or was replaced; resume \
-             from another step",
-            path.display(),
-            bytes.len()
-        );
+    if !path.exists() {
+        bail!("{} is missing: the checkpoint is incomplete; resume from another step", path.display())
     }
-    candle_core::safetensors::load_buffer(&bytes, device)
-        .with_context(|| format!("{} is not a valid safetensors file (corrupt checkpoint)", path.display()))
+    let mut reader = tensor_file::Reader::open(path, Some(expected))
+        .with_context(|| format!("{} is damaged (corrupt checkpoint); resume from another step", path.display()))?;
+    reader.load_all(device, true)
 }
 
 /// Every parameter of `config`'s table must be present with its shape and f32; nothing else may be.

@@ -26,7 +26,15 @@ pub fn tokenizer() -> Result<bpe::Tokenizer> {
 }
 
 pub fn fixture_config() -> GPTConfig {
-    GPTConfig { sequence_len: 64, vocab_size: 1024, n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 64 }
+    GPTConfig {
+        sequence_len: 64,
+        vocab_size: 1024,
+        n_layer: 2,
+        n_head: 4,
+        n_kv_head: 2,
+        n_embd: 64,
+        rotary: Default::default(),
+    }
 }
 
 pub fn fixture_engine() -> Result<Engine> {
@@ -37,7 +45,15 @@ pub fn fixture_engine() -> Result<Engine> {
 
 /// Large enough that each token costs real time, all zeros so greedy decoding never stops.
 pub fn endless_engine() -> Result<Engine> {
-    let config = GPTConfig { sequence_len: 512, vocab_size: 1024, n_layer: 6, n_head: 4, n_kv_head: 4, n_embd: 512 };
+    let config = GPTConfig {
+        sequence_len: 512,
+        vocab_size: 1024,
+        n_layer: 6,
+        n_head: 4,
+        n_kv_head: 4,
+        n_embd: 512,
+        rotary: Default::default(),
+    };
     Engine::new(GPT::new(&config, VarBuilder::zeros(DType::F32, &Device::Cpu))?, tokenizer()?)
 }
 
