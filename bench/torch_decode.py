@@ -14,6 +14,14 @@ Measured, each as the median of --runs runs after one warm-up:
 - decode tokens/s at batch 1 and 8 after a 100-token prompt: --new-tokens steps, B tokens each.
 
     /work/venv-ref/bin/python bench/torch_decode.py [--runs 5] [--new-tokens 128] [--threads 2]
+    /work/venv-ref/bin/python bench/torch_decode.py --preset d20            # the original's model sizes
+    /work/venv-ref/bin/python bench/torch_decode.py --preset d32 --impl transformers [--hf DIR]
+
+`--preset d20|d32` sets the shape of the original's released models (as `nanochat bench decode --preset`).
+`--impl transformers` measures transformers' `NanoChatForCausalLM` instead, at the same shape with random
+weights or, with `--hf DIR`, an exported model (`nanochat export --format hf DIR`): time to first token is
+one forward pass over the prompt, and decode tokens/s comes from `generate` (greedy, its own KV cache) as
+the difference between --new-tokens steps and one step.
 
 Prints per-measurement lines to stderr and one JSON line to stdout.
 """
@@ -205,6 +213,52 @@ def decode(model, prompt, batch, new_tokens):
     return time.perf_counter() - t0
 
 
+PRESETS = {
+    # depth, width, heads; vocabulary 65,536 and context 2,048 (the original's tokenizer and speedrun)
+    "d20": (20, 1280, 10),
+    "d32": (32, 2048, 16),
+}
+
+
+def transformers_model(cfg, hf_dir, dtype):
+    """transformers' NanoChatForCausalLM: the exported model in `hf_dir`, or random weights at `cfg`."""
+    from transformers import AutoModelForCausalLM, NanoChatConfig, NanoChatForCausalLM
+
+    if hf_dir:
+        return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
+    config = NanoChatConfig(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["n_embd"],
+        intermediate_size=4 * cfg["n_embd"],
+        num_hidden_layers=cfg["n_layer"],
+        num_attention_heads=cfg["n_head"],
+        num_key_value_heads=cfg["n_kv_head"],
+        max_position_embeddings=cfg["sequence_len"],
+    )
+    return NanoChatForCausalLM(config).to(dtype).eval()
+
+
+def hf_ttft(model, prompt):
+    t0 = time.perf_counter()
+    logits = model(torch.tensor([prompt]), use_cache=True).logits[:, -1, :]
+    torch.argmax(logits, dim=-1)
+    return time.perf_counter() - t0
+
+
+def hf_generate(model, prompt, batch, new_tokens):
+    x = torch.tensor([prompt] * batch)
+    t0 = time.perf_counter()
+    model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return time.perf_counter() - t0
+
+
 def median_of(runs, f):
     f()  # warm-up
     return statistics.median(f() for _ in range(runs))
@@ -212,6 +266,9 @@ def median_of(runs, f):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="one of the original's sizes")
+    ap.add_argument("--impl", choices=("original", "transformers"), default="original")
+    ap.add_argument("--hf", default=None, help="with --impl transformers: an exported model directory")
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=256)
     ap.add_argument("--n-head", type=int, default=4)
@@ -232,6 +289,10 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.preset:
+        depth, width, heads = PRESETS[args.preset]
+        args.n_layer, args.n_embd, args.n_head, args.n_kv_head = depth, width, heads, heads
+        args.vocab, args.seq_len = 65536, 2048
     cfg = {
         "sequence_len": args.seq_len,
         "vocab_size": args.vocab,
@@ -240,26 +301,37 @@ def main():
         "n_kv_head": args.n_kv_head or args.n_head,
         "n_embd": args.n_embd,
     }
-    model = GPT(cfg)
-    model.init_weights()
-    model.eval()
-    if args.dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    if args.impl == "transformers":
+        model = transformers_model(cfg, args.hf, dtype)
+        if args.hf:
+            c = model.config
+            cfg.update(vocab_size=c.vocab_size, n_layer=c.num_hidden_layers, n_head=c.num_attention_heads,
+                       n_kv_head=c.num_key_value_heads, n_embd=c.hidden_size, sequence_len=c.max_position_embeddings)
+            args.vocab = c.vocab_size
+    else:
+        model = GPT(cfg)
+        model.init_weights()
+        model.eval()
+        model = model.to(dtype)
     gen = torch.Generator().manual_seed(args.seed)
     prompt = lambda n: torch.randint(0, args.vocab, (n,), generator=gen).tolist()  # noqa: E731
 
     result = {
-        "impl": "pytorch",
+        "impl": "pytorch" if args.impl == "original" else "transformers",
         "torch": torch.__version__,
         "threads": args.threads,
         "dtype": args.dtype,
         "config": cfg,
     }
+    hf = args.impl == "transformers"
     with torch.inference_mode():
         for n in (100, 512):
             p = prompt(n)
 
             def ttft(p=p):
+                if hf:
+                    return hf_ttft(model, p)
                 t0 = time.perf_counter()
                 prefill(model, p)
                 return time.perf_counter() - t0
@@ -269,7 +341,13 @@ def main():
             print(f"time to first token, {n}-token prompt: {ms:.1f} ms", file=sys.stderr)
         p = prompt(100)
         for batch in (1, 8):
-            secs = median_of(args.runs, lambda: decode(model, p, batch, args.new_tokens))
+            if hf:
+                # generate's steps after the first, without its prefill
+                full = median_of(args.runs, lambda: hf_generate(model, p, batch, args.new_tokens))
+                first = median_of(args.runs, lambda: hf_generate(model, p, batch, 1))
+                secs = max(full - first, 1e-9) * args.new_tokens / max(args.new_tokens - 1, 1)
+            else:
+                secs = median_of(args.runs, lambda: decode(model, p, batch, args.new_tokens))
             tps = batch * args.new_tokens / secs
             result[f"decode_tok_s_b{batch}"] = round(tps, 1)
             print(f"decode at batch {batch}: {tps:.1f} tok/s", file=sys.stderr)

@@ -110,6 +110,7 @@ impl<'a> Chat<'a> {
                 temperature: args.sampling.temperature,
                 top_k: Some(args.sampling.top_k),
                 seed: args.seed,
+                ..GenerateOptions::default()
             },
             user_start: id("<|user_start|>")?,
             user_end: id("<|user_end|>")?,

@@ -3,9 +3,11 @@
 //! together, one token per step, running the calculator tool inside each row.
 //!
 //! Semantics follow the original's `Engine`:
-//! - sampling: temperature 0 is argmax (first index on ties); otherwise softmax(logits / T),
-//!   restricted to the `top_k` largest logits when asked, drawn from a [`StdRng`] seeded per
-//!   request, so the same request gives the same tokens;
+//! - sampling ([`sampling`]): temperature 0 is argmax (first index on ties); otherwise
+//!   softmax(logits / T), restricted to the `top_k` largest logits when asked, drawn from a
+//!   [`StdRng`](rand::rngs::StdRng) seeded per request, so the same request gives the same tokens.
+//!   Beyond the original, the knobs of OpenAI-style APIs: top-p (nucleus), frequency and presence
+//!   penalties, and the log-probabilities of the generated tokens;
 //! - a row is complete once it emits `<|assistant_end|>` or `<|bos|>`; generation stops when every
 //!   row is complete or after `max_tokens` steps;
 //! - tool use ([`RowState`]): tokens between `<|python_start|>` and `<|python_end|>` are decoded and
@@ -22,17 +24,22 @@
 //! One deliberate difference: the original samples the first token once from the batch-1 prefill and
 //! copies it to every row; here each row samples its own first token from the same logits, so N
 //! samples at temperature > 0 differ from their first token on (at temperature 0 nothing changes).
+//! Each row draws from a generator of its own ([`GenerateOptions::row_seed`]; row 0 uses the
+//! request's seed itself), so a row's tokens do not depend on how many rows decode beside it, and
+//! the server's batched workers, which decode each request's rows among other requests', give the
+//! same tokens.
+
+pub mod sampling;
 
 use std::collections::VecDeque;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 use crate::calculator::calculate;
 use crate::model::decode::{DecodeCache, DecodeModel, WeightFormat};
 use crate::model::{KvCache, GPT};
+pub use sampling::{logprobs, sample, Penalties, Sampler, TokenLogprob};
 
 /// Complete sequences, one per sample, and their masks: what [`Engine::generate_batch`] returns.
 pub type Sequences = (Vec<Vec<u32>>, Vec<Vec<u8>>);
@@ -48,13 +55,59 @@ pub struct GenerateOptions {
     pub temperature: f64,
     /// Sample only among the `k` largest logits; `None` or `Some(0)` = no limit.
     pub top_k: Option<usize>,
-    /// Seeds the request's random number generator.
+    /// Then only among the most likely tokens whose probabilities reach `top_p`; 1 = no limit.
+    pub top_p: f64,
+    /// Frequency and presence penalties of each row's own tokens; zero = off.
+    pub penalties: Penalties,
+    /// Seeds the request's random number generators ([`GenerateOptions::row_seed`]).
     pub seed: u64,
+    /// Report each generated token's log-probability with this many alternatives
+    /// ([`Generation::logprobs`]); `None` = none (computing them costs a pass over the vocabulary).
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { num_samples: 1, max_tokens: 256, temperature: 1.0, top_k: None, seed: 42 }
+        Self {
+            num_samples: 1,
+            max_tokens: 256,
+            temperature: 1.0,
+            top_k: None,
+            top_p: 1.0,
+            penalties: Penalties::default(),
+            seed: 42,
+            logprobs: None,
+        }
+    }
+}
+
+impl GenerateOptions {
+    /// The seed of row `row`'s generator: the request's seed for row 0, spread apart for the
+    /// others (consecutive seeds would already give unrelated streams; the odd constant keeps
+    /// row 1 of seed s from being row 0 of seed s + 1).
+    pub fn row_seed(&self, row: usize) -> u64 {
+        self.seed.wrapping_add((row as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+
+    /// The sampler of row `row`.
+    pub fn sampler(&self, row: usize) -> Sampler {
+        Sampler::new(self.temperature, self.top_k, self.top_p, self.penalties, self.row_seed(row))
+    }
+
+    /// Whether the settings are usable, with the reason when not.
+    pub fn check(&self) -> Result<()> {
+        ensure!(self.num_samples > 0, "num_samples must be at least 1");
+        ensure!(
+            self.temperature.is_finite() && self.temperature >= 0.0,
+            "temperature must be a finite number >= 0, got {}",
+            self.temperature
+        );
+        ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "top_p must be in (0, 1], got {}", self.top_p);
+        ensure!(
+            self.penalties.frequency.is_finite() && self.penalties.presence.is_finite(),
+            "penalties must be finite numbers"
+        );
+        Ok(())
     }
 }
 
@@ -266,12 +319,7 @@ impl Engine {
     /// caller ignores, as [`Engine::generate_batch`] does).
     pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<Generation<'_>> {
         ensure!(!prompt.is_empty(), "cannot generate from an empty prompt: start it with <|bos|>");
-        ensure!(opts.num_samples > 0, "num_samples must be at least 1");
-        ensure!(
-            opts.temperature.is_finite() && opts.temperature >= 0.0,
-            "temperature must be a finite number >= 0, got {}",
-            opts.temperature
-        );
+        opts.check()?;
         let vocab = self.model.config().vocab_size;
         if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
             bail!("prompt token {bad} is outside the model's vocabulary of {vocab}");
@@ -309,11 +357,12 @@ impl Engine {
         Ok(Generation {
             engine: self,
             opts: opts.clone(),
-            rng: StdRng::seed_from_u64(opts.seed),
+            samplers: (0..opts.num_samples).map(|row| opts.sampler(row)).collect(),
             cache,
             rows: vec![RowState::new(); opts.num_samples],
             prefill_logits: Some(logits),
             last_column: Vec::new(),
+            logprobs: Vec::new(),
             generated: 0,
             finished: false,
         })
@@ -359,47 +408,65 @@ enum Cache {
 pub struct Generation<'a> {
     engine: &'a Engine,
     opts: GenerateOptions,
-    rng: StdRng,
+    /// One per row.
+    samplers: Vec<Sampler>,
     cache: Cache,
     rows: Vec<RowState>,
     /// The batch-1 logits after the prompt, used by the first step.
     prefill_logits: Option<Vec<f32>>,
     last_column: Vec<u32>,
+    /// The last step's log-probabilities, one per row, when asked for.
+    logprobs: Vec<TokenLogprob>,
     generated: usize,
     finished: bool,
 }
 
 impl Generation<'_> {
+    /// The log-probabilities of the last step's tokens, one per row, when
+    /// [`GenerateOptions::logprobs`] asks for them (empty otherwise).
+    pub fn logprobs(&self) -> &[TokenLogprob] {
+        &self.logprobs
+    }
+
     fn step(&mut self) -> Result<(Vec<u32>, Vec<u8>)> {
         let n = self.opts.num_samples;
-        let sampled: Vec<u32> = match self.prefill_logits.take() {
+        let vocab = self.engine.model.config().vocab_size;
+        let owned: Vec<f32>;
+        // every row's logits; a stride of 0 shares one row of logits between all rows
+        let (logits, stride): (&[f32], usize) = match self.prefill_logits.take() {
             // every row draws its own first token from the shared prefill logits
             Some(logits) => {
-                (0..n).map(|_| sample(&logits, self.opts.temperature, self.opts.top_k, &mut self.rng)).collect()
+                owned = logits;
+                (&owned, 0)
             }
             None => match (&mut self.cache, &self.engine.native) {
                 (Cache::Native(cache), Some(native)) => {
                     let rows: Vec<(usize, u32)> = self.last_column.iter().copied().enumerate().collect();
-                    let logits = native.step(cache, &rows)?;
-                    let (temperature, top_k) = (self.opts.temperature, self.opts.top_k);
-                    let vocab = native.config().vocab_size;
-                    logits.chunks_exact(vocab).map(|row| sample(row, temperature, top_k, &mut self.rng)).collect()
+                    (native.step(cache, &rows)?, vocab)
                 }
                 (Cache::Candle(cache), _) => {
                     let ids = Tensor::from_vec(self.last_column.clone(), (n, 1), &self.engine.device)?;
                     let logits = self.engine.model.forward_cached(&ids, cache)?;
-                    let logits = logits.i((.., 0, ..))?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                    logits
-                        .iter()
-                        .map(|row| sample(row, self.opts.temperature, self.opts.top_k, &mut self.rng))
-                        .collect()
+                    owned = logits.i((.., 0, ..))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    (&owned, vocab)
                 }
                 (Cache::Native(_), None) => bail!("a native cache without the native model"),
             },
         };
+        ensure!(logits.len() >= (n - 1) * stride + vocab, "{} logits for {n} rows of {vocab}", logits.len());
         let (specials, tokenizer) = (&self.engine.specials, &self.engine.tokenizer);
-        let (column, masks): (Vec<u32>, Vec<u8>) =
-            self.rows.iter_mut().zip(sampled).map(|(row, s)| row.step(s, specials, tokenizer)).unzip();
+        let (mut column, mut masks) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        self.logprobs.clear();
+        for (i, (row, sampler)) in self.rows.iter_mut().zip(&mut self.samplers).enumerate() {
+            let row_logits = &logits[i * stride..i * stride + vocab];
+            let (token, mask) = row.step(sampler.sample(row_logits), specials, tokenizer);
+            sampler.observe(token);
+            if let Some(top) = self.opts.logprobs {
+                self.logprobs.push(logprobs(row_logits, token, top));
+            }
+            column.push(token);
+            masks.push(mask);
+        }
         self.last_column.clone_from(&column);
         self.generated += 1;
         Ok((column, masks))
@@ -419,38 +486,6 @@ impl Iterator for Generation<'_> {
         }
         Some(step)
     }
-}
-
-/// Draws the next token from one row of logits: argmax at temperature 0 (first index on ties),
-/// else softmax(logits / temperature) over all logits or the `top_k` largest.
-pub fn sample(logits: &[f32], temperature: f64, top_k: Option<usize>, rng: &mut impl Rng) -> u32 {
-    // larger logit first, then smaller index: a total order, so ties pick the first index
-    let before = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
-    if temperature == 0.0 {
-        return (0..logits.len()).min_by(before).unwrap_or(0) as u32;
-    }
-    let mut candidates: Vec<usize> = (0..logits.len()).collect();
-    if let Some(k) = top_k.filter(|&k| k > 0 && k < logits.len()) {
-        candidates.select_nth_unstable_by(k - 1, before);
-        candidates.truncate(k);
-        candidates.sort_unstable();
-    }
-    let max = candidates.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max) as f64;
-    let weights: Vec<f64> = candidates.iter().map(|&i| ((logits[i] as f64 - max) / temperature).exp()).collect();
-    let total: f64 = weights.iter().sum();
-    if !(total.is_finite() && total > 0.0) {
-        // NaN logits leave nothing to sample from: fall back to the most likely token
-        return (0..logits.len()).min_by(before).unwrap_or(0) as u32;
-    }
-    let mut u = rng.random::<f64>() * total;
-    for (&i, &w) in candidates.iter().zip(&weights) {
-        if u < w {
-            return i as u32;
-        }
-        u -= w;
-    }
-    // rounding can leave u just above the last weight: that draw belongs to the last candidate
-    candidates.last().copied().unwrap_or(0) as u32
 }
 
 /// Turns a stream of generated ids into printable text: special tokens print nothing, and bytes

@@ -2,7 +2,7 @@
 //!
 //! One module per concept, named after it, in pipeline order: the tokenizer and the conversation
 //! format, pretraining data, the model and its optimizers, training stages, the inference engine,
-//! evaluation, serving and the report.
+//! evaluation, serving and the report; and models in and out of other tools (`interop`).
 
 pub mod bench;
 pub mod calculator;
@@ -15,6 +15,7 @@ pub mod dist;
 pub mod engine;
 pub mod eval;
 pub mod execution;
+pub mod interop;
 pub mod model;
 pub mod optim;
 pub mod report;

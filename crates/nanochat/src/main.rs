@@ -38,6 +38,11 @@ enum Command {
     Chat(nanochat::chat_cli::ChatArgs),
     /// Web chat: the UI, the streaming API and an OpenAI-compatible API.
     Serve(nanochat::serve::ServeArgs),
+    /// Bring in a model trained elsewhere: the original nanochat's checkpoints, a Hugging Face
+    /// transformers NanoChatForCausalLM directory, or either from the hub (hf:OWNER/REPO).
+    Import(nanochat::interop::ImportArgs),
+    /// Write a trained model as a Hugging Face transformers directory (--format hf).
+    Export(nanochat::interop::ExportArgs),
     /// Measure training and inference throughput on this machine.
     #[command(subcommand)]
     Bench(nanochat::bench::BenchCommand),
@@ -85,6 +90,8 @@ fn execute(command: Command) -> Result<()> {
         Command::Rl(cmd) => nanochat::train::rl::run(cmd),
         Command::Chat(args) => nanochat::chat_cli::run(args),
         Command::Serve(args) => nanochat::serve::run(args),
+        Command::Import(args) => nanochat::interop::run_import(args),
+        Command::Export(args) => nanochat::interop::run_export(args),
         Command::Bench(cmd) => nanochat::bench::run(cmd),
         Command::Report(args) => nanochat::report::run(args),
         Command::Speedrun(args) => nanochat::speedrun::run(args, &parse_stage),

@@ -25,7 +25,15 @@ fn setup(base: &Path) -> Result<()> {
     )?;
     tok.save(&base.join("tokenizer"))?;
     let params = candle_core::safetensors::load(shared().join("fixtures/model/params.safetensors"), &Device::Cpu)?;
-    let config = GPTConfig { sequence_len: 64, vocab_size: 1024, n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 64 };
+    let config = GPTConfig {
+        sequence_len: 64,
+        vocab_size: 1024,
+        n_layer: 2,
+        n_head: 4,
+        n_kv_head: 2,
+        n_embd: 64,
+        rotary: Default::default(),
+    };
     checkpoint::save(&base.join("base_checkpoints/d2"), &params, None, &Meta::new(5, config, tok.fingerprint()))?;
     let docs: Vec<String> =
         (0..20).map(|i| format!("Document {i}: the cat sat on the mat, and the dog watched.")).collect();

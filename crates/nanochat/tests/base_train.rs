@@ -153,7 +153,15 @@ fn batch_sizes_that_do_not_divide_are_refused() {
 }
 
 fn tiny_config() -> GPTConfig {
-    GPTConfig { sequence_len: 16, vocab_size: 50, n_layer: 2, n_head: 2, n_kv_head: 2, n_embd: 32 }
+    GPTConfig {
+        sequence_len: 16,
+        vocab_size: 50,
+        n_layer: 2,
+        n_head: 2,
+        n_kv_head: 2,
+        n_embd: 32,
+        rotary: Default::default(),
+    }
 }
 
 fn random_ids(n: usize, seed: u32) -> Vec<u32> {

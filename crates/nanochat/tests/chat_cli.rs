@@ -18,7 +18,15 @@ fn shared() -> PathBuf {
 }
 
 fn config() -> GPTConfig {
-    GPTConfig { sequence_len: 64, vocab_size: 1024, n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 64 }
+    GPTConfig {
+        sequence_len: 64,
+        vocab_size: 1024,
+        n_layer: 2,
+        n_head: 4,
+        n_kv_head: 2,
+        n_embd: 64,
+        rotary: Default::default(),
+    }
 }
 
 fn tokenizer() -> Result<bpe::Tokenizer> {
@@ -51,7 +59,8 @@ fn expected_reply(question: &str, max_tokens: usize) -> Result<String> {
         vec![special("<|user_end|>")?, special("<|assistant_start|>")?],
     ]
     .concat();
-    let opts = GenerateOptions { num_samples: 1, max_tokens, temperature: 0.0, top_k: None, seed: 0 };
+    let opts =
+        GenerateOptions { num_samples: 1, max_tokens, temperature: 0.0, top_k: None, seed: 0, ..Default::default() };
     let mut text = TextStream::new();
     let mut reply = String::new();
     for step in engine.generate(&prompt, &opts)? {

@@ -32,7 +32,15 @@ fn tokenizer() -> Result<bpe::Tokenizer> {
 }
 
 fn config() -> GPTConfig {
-    GPTConfig { sequence_len: 64, vocab_size: 1024, n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 64 }
+    GPTConfig {
+        sequence_len: 64,
+        vocab_size: 1024,
+        n_layer: 2,
+        n_head: 4,
+        n_kv_head: 2,
+        n_embd: 64,
+        rotary: Default::default(),
+    }
 }
 
 fn fixture_engine() -> Result<Engine> {

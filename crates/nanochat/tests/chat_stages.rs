@@ -322,7 +322,14 @@ impl Task for Vowels {
 fn mean_reward(engine: &nanochat::engine::Engine, task: &Vowels) -> f64 {
     let mut rewards = Vec::new();
     for index in 0..4 {
-        let gen = GenerateOptions { num_samples: 8, max_tokens: 12, temperature: 1.0, top_k: None, seed: index as u64 };
+        let gen = GenerateOptions {
+            num_samples: 8,
+            max_tokens: 12,
+            temperature: 1.0,
+            top_k: None,
+            seed: index as u64,
+            ..Default::default()
+        };
         let sampled = sample_problem(task, engine, index, &gen).unwrap();
         let completions = sampled.completions(engine.tokenizer());
         rewards.extend(completions.iter().map(|c| task.reward(&sampled.example, c)));

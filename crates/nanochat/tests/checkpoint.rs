@@ -11,7 +11,15 @@ use nanochat::optim::{setup_optimizers, OptimConfig};
 use nanochat::train::forward_backward;
 
 fn config() -> GPTConfig {
-    GPTConfig { sequence_len: 16, vocab_size: 64, n_layer: 1, n_head: 2, n_kv_head: 1, n_embd: 32 }
+    GPTConfig {
+        sequence_len: 16,
+        vocab_size: 64,
+        n_layer: 1,
+        n_head: 2,
+        n_kv_head: 1,
+        n_embd: 32,
+        rotary: Default::default(),
+    }
 }
 
 /// Model and optimizer tensors after two training steps (so the optimizer state is non-trivial).

@@ -17,7 +17,15 @@ use nanochat::train::forward_backward;
 use sha2::{Digest, Sha256};
 
 fn config(vocab_size: usize) -> GPTConfig {
-    GPTConfig { sequence_len: 16, vocab_size, n_layer: 1, n_head: 2, n_kv_head: 1, n_embd: 32 }
+    GPTConfig {
+        sequence_len: 16,
+        vocab_size,
+        n_layer: 1,
+        n_head: 2,
+        n_kv_head: 1,
+        n_embd: 32,
+        rotary: Default::default(),
+    }
 }
 
 const FINGERPRINT: &str = "0123456789abcdef";

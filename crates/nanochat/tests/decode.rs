@@ -20,8 +20,24 @@ const TOL: f32 = 1e-4;
 /// GQA in both, and a vocabulary large enough for the parallel kernel in the second.
 fn configs() -> Vec<GPTConfig> {
     vec![
-        GPTConfig { sequence_len: 64, vocab_size: 97, n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 48 },
-        GPTConfig { sequence_len: 64, vocab_size: 1031, n_layer: 3, n_head: 2, n_kv_head: 1, n_embd: 84 },
+        GPTConfig {
+            sequence_len: 64,
+            vocab_size: 97,
+            n_layer: 2,
+            n_head: 4,
+            n_kv_head: 2,
+            n_embd: 48,
+            rotary: Default::default(),
+        },
+        GPTConfig {
+            sequence_len: 64,
+            vocab_size: 1031,
+            n_layer: 3,
+            n_head: 2,
+            n_kv_head: 1,
+            n_embd: 84,
+            rotary: Default::default(),
+        },
     ]
 }
 

@@ -31,7 +31,15 @@ fn random_gpt(config: &GPTConfig, seed: u64) -> Result<GPT> {
 }
 
 fn config() -> GPTConfig {
-    GPTConfig { sequence_len: 64, vocab_size: 1031, n_layer: 3, n_head: 2, n_kv_head: 1, n_embd: 84 }
+    GPTConfig {
+        sequence_len: 64,
+        vocab_size: 1031,
+        n_layer: 3,
+        n_head: 2,
+        n_kv_head: 1,
+        n_embd: 84,
+        rotary: Default::default(),
+    }
 }
 
 fn randn(n: usize, rng: &mut StdRng) -> Vec<f32> {

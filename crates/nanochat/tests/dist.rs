@@ -581,6 +581,7 @@ fn fixture_checkpoint(base: &Path, stage_dir: &str) {
         n_head: 4,
         n_kv_head: 2,
         n_embd: 64,
+        rotary: Default::default(),
     };
     checkpoint::save(&base.join(stage_dir).join("d2"), &params, None, &Meta::new(5, config, tok.fingerprint()))
         .unwrap();

@@ -22,7 +22,15 @@ fn shared() -> PathBuf {
 
 /// The fixture's `GPTConfig`.
 fn config() -> GPTConfig {
-    GPTConfig { sequence_len: 64, vocab_size: 1024, n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 64 }
+    GPTConfig {
+        sequence_len: 64,
+        vocab_size: 1024,
+        n_layer: 2,
+        n_head: 4,
+        n_kv_head: 2,
+        n_embd: 64,
+        rotary: Default::default(),
+    }
 }
 
 fn tokenizer() -> Result<bpe::Tokenizer> {
@@ -57,11 +65,11 @@ fn fixture_prompt() -> Result<Vec<u32>> {
 }
 
 fn greedy(num_samples: usize, max_tokens: usize) -> GenerateOptions {
-    GenerateOptions { num_samples, max_tokens, temperature: 0.0, top_k: None, seed: 0 }
+    GenerateOptions { num_samples, max_tokens, temperature: 0.0, top_k: None, seed: 0, ..Default::default() }
 }
 
 fn sampled(max_tokens: usize, seed: u64) -> GenerateOptions {
-    GenerateOptions { num_samples: 1, max_tokens, temperature: 1.0, top_k: None, seed }
+    GenerateOptions { num_samples: 1, max_tokens, temperature: 1.0, top_k: None, seed, ..Default::default() }
 }
 
 /// Every step of a generation, as rows of tokens and rows of masks (one row per sample).
@@ -372,7 +380,14 @@ fn native_and_candle_backends_generate_the_same() -> Result<()> {
     let native = fixture_engine()?;
     assert_eq!((native.backend(), candle.backend()), (Backend::Native, Backend::Candle), "native is the CPU default");
     let prompt = fixture_prompt()?;
-    let many = GenerateOptions { num_samples: 4, max_tokens: 40, temperature: 1.0, top_k: Some(50), seed: 5 };
+    let many = GenerateOptions {
+        num_samples: 4,
+        max_tokens: 40,
+        temperature: 1.0,
+        top_k: Some(50),
+        seed: 5,
+        ..Default::default()
+    };
     for opts in [greedy(1, 40), greedy(3, 40), sampled(60, 3), many] {
         assert_eq!(run(&native, &prompt, &opts)?, run(&candle, &prompt, &opts)?, "{opts:?}");
     }

@@ -26,7 +26,15 @@ fn get<'a>(map: &'a HashMap<String, Tensor>, key: &str) -> Result<&'a Tensor> {
 
 /// The fixture's `GPTConfig`.
 fn config() -> GPTConfig {
-    GPTConfig { sequence_len: 64, vocab_size: 1024, n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 64 }
+    GPTConfig {
+        sequence_len: 64,
+        vocab_size: 1024,
+        n_layer: 2,
+        n_head: 4,
+        n_kv_head: 2,
+        n_embd: 64,
+        rotary: Default::default(),
+    }
 }
 
 /// The model with the fixture's weights, loaded by name into the VarMap of a fresh init.

@@ -54,6 +54,7 @@ fn random_config(heads: Heads, rng: &mut StdRng) -> GPTConfig {
         n_head,
         n_kv_head,
         n_embd: n_head * head_dim,
+        rotary: Default::default(),
     }
 }
 

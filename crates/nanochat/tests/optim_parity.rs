@@ -190,7 +190,15 @@ fn clip_grad_norm_scales_only_above_the_limit() -> Result<()> {
 
 #[test]
 fn setup_optimizers_splits_like_v0_and_trains() -> Result<()> {
-    let cfg = GPTConfig { sequence_len: 64, vocab_size: 1024, n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 64 };
+    let cfg = GPTConfig {
+        sequence_len: 64,
+        vocab_size: 1024,
+        n_layer: 2,
+        n_head: 4,
+        n_kv_head: 2,
+        n_embd: 64,
+        rotary: Default::default(),
+    };
     let (model, varmap) = GPT::init(&cfg, 0, &Device::Cpu)?;
     let mut opt = setup_optimizers(&model, &varmap, &OptimConfig::default())?;
     let lrs: Vec<(Vec<String>, f64)> =

@@ -11,7 +11,15 @@ use nanochat::optim::{setup_optimizers, OptimConfig};
 
 /// Grouped-query attention: 4 query heads of dimension 16 on 2 kv heads.
 fn config() -> GPTConfig {
-    GPTConfig { sequence_len: 16, vocab_size: 97, n_layer: 3, n_head: 4, n_kv_head: 2, n_embd: 64 }
+    GPTConfig {
+        sequence_len: 16,
+        vocab_size: 97,
+        n_layer: 3,
+        n_head: 4,
+        n_kv_head: 2,
+        n_embd: 64,
+        rotary: Default::default(),
+    }
 }
 
 #[test]

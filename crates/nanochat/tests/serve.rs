@@ -152,8 +152,11 @@ fn openai_completion_streaming_and_errors() -> Result<()> {
 
     let user = || json!({"role": "user", "content": "hi"});
     let cases = [
-        (json!({"messages": [user()], "top_p": 0.5}), "top_p"),
-        (json!({"messages": [user()], "n": 2}), "n"),
+        (json!({"messages": [user()], "top_p": 0}), "top_p"),
+        (json!({"messages": [user()], "n": 5}), "n"),
+        (json!({"messages": [user()], "logit_bias": {"1": 5}}), "logit_bias"),
+        (json!({"messages": [user()], "stop": ["a", ""]}), "stop"),
+        (json!({"messages": [user()], "frequency_penalty": 3}), "frequency_penalty"),
         (json!({"messages": [user()], "temperature": 3}), "temperature"),
         (json!({"messages": [user()], "max_completion_tokens": 0}), "max_completion_tokens"),
         (json!({"messages": [user()], "max_tokens": 5000}), "max_tokens"),
@@ -353,7 +356,7 @@ fn the_official_openai_python_client_works_against_v1() -> Result<()> {
     assert_eq!(seen["stream_finish_reason"], finish);
     assert_eq!(seen["stream_usage"]["total_tokens"], usage["total_tokens"]);
     assert_eq!(seen["refused"]["status"], 400);
-    assert!(seen["refused"]["message"].as_str().unwrap_or_default().contains("top_p"), "{seen}");
+    assert!(seen["refused"]["message"].as_str().unwrap_or_default().contains("logit_bias"), "{seen}");
     Ok(())
 }
 
@@ -461,11 +464,11 @@ fn the_ui_works_in_a_real_browser() -> Result<()> {
 /// Replies of `n` requests submitted at once to a pool of one worker generating `batch` together:
 /// each reply's text and the largest batch the worker decoded.
 fn pool_replies(batch: usize, prompts: &[Vec<u32>], opts: &[GenerateOptions]) -> Result<(Vec<String>, u64)> {
-    let pool = Pool::start(vec![fixture_engine()?], batch, prompts.len(), Duration::from_secs(60))?;
+    let pool = Pool::start(vec![fixture_engine()?], batch, prompts.len(), Duration::from_secs(60), 0)?;
     let receivers = prompts
         .iter()
         .zip(opts)
-        .map(|(p, o)| pool.submit(p.clone(), o.clone()).map_err(|_| anyhow::anyhow!("busy")))
+        .map(|(p, o)| pool.submit(p.clone(), o.clone(), Vec::new()).map_err(|_| anyhow::anyhow!("busy")))
         .collect::<Result<Vec<_>>>()?;
     let mut replies = Vec::new();
     for mut rx in receivers {
@@ -473,6 +476,7 @@ fn pool_replies(batch: usize, prompts: &[Vec<u32>], opts: &[GenerateOptions]) ->
         loop {
             match rx.blocking_recv().context("the stream ended without Done")? {
                 Event::Text { text: piece, .. } => text.push_str(&piece),
+                Event::End { .. } => {}
                 Event::Done { .. } => break,
                 Event::Error(e) => anyhow::bail!(e),
             }
@@ -498,6 +502,7 @@ fn batched_replies_are_the_engine_replies_whatever_they_are_batched_with() -> Re
             temperature: if i == 2 { 0.0 } else { 1.0 },
             top_k: if i % 2 == 0 { Some(50) } else { None },
             seed: 1000 + i as u64,
+            ..Default::default()
         })
         .collect();
     let expected: Vec<String> =

@@ -5,7 +5,9 @@
 
 pub mod decode;
 pub mod gemm;
+pub mod logits;
 pub mod quality;
+pub mod serve;
 pub mod train;
 
 use anyhow::Result;
@@ -13,9 +15,21 @@ use clap::{Args, Subcommand};
 
 use crate::model::GPTConfig;
 
+/// The original's released sizes, for measuring at the shapes people run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShapePreset {
+    /// The speedrun model: depth 20, width 1280, 10 heads, vocabulary 65,536, context 2,048 (561 M parameters).
+    D20,
+    /// The d32 release: depth 32, width 2048, 16 heads, vocabulary 65,536, context 2,048 (1.9 B parameters).
+    D32,
+}
+
 /// The benchmarked model's shape; the defaults are the issues' depth-4 configuration.
 #[derive(Args, Debug, Clone)]
 pub struct ModelShape {
+    /// One of the original's model sizes instead of the shape flags below (all of which it sets).
+    #[arg(long, value_enum)]
+    pub preset: Option<ShapePreset>,
     /// Number of transformer blocks.
     #[arg(long, default_value_t = 4)]
     pub n_layer: usize,
@@ -38,6 +52,12 @@ pub struct ModelShape {
 
 impl ModelShape {
     pub fn config(&self) -> GPTConfig {
+        // the original's tokenizer has 65,536 tokens and its speedrun trains at a context of 2,048
+        match self.preset {
+            Some(ShapePreset::D20) => return GPTConfig::from_depth(20, 65_536, 2048),
+            Some(ShapePreset::D32) => return GPTConfig::from_depth(32, 65_536, 2048),
+            None => {}
+        }
         GPTConfig {
             sequence_len: self.seq_len,
             vocab_size: self.vocab,
@@ -45,6 +65,7 @@ impl ModelShape {
             n_head: self.n_head,
             n_kv_head: self.n_kv_head.unwrap_or(self.n_head),
             n_embd: self.n_embd,
+            rotary: Default::default(),
         }
     }
 }
@@ -58,6 +79,12 @@ pub enum BenchCommand {
     /// GEMM GFLOP/s (f32, and bf16 where the CPU has AVX-512 BF16) at the training step's shapes:
     /// the measured peak for the step's figures.
     Gemm(gemm::GemmBenchArgs),
+    /// The web server: time to first token of a long conversation's turns with and without the
+    /// prompt cache, and decode tokens/s with the sampling options.
+    Serve(serve::ServeBenchArgs),
+    /// A trained model's logits and greedy continuation for one prompt, as JSON (for comparing
+    /// with other implementations of the same model: bench/hf_check.py).
+    Logits(logits::LogitsArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -65,6 +92,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Train(args) => train::run(&args),
         BenchCommand::Decode(args) => decode::run(&args),
         BenchCommand::Gemm(args) => gemm::run(&args),
+        BenchCommand::Serve(args) => serve::run(&args),
+        BenchCommand::Logits(args) => logits::run(&args),
     }
 }
 

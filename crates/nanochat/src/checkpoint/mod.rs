@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 mod select;
+pub mod tensor_file;
 
 pub use select::{default_model_tag, Located, ModelArgs, Source};
 
@@ -407,12 +408,15 @@ fn read_optim(dir: &Path, meta: &Meta, device: &Device) -> Result<HashMap<String
     Ok(state)
 }
 
-/// Reads one tensor file, after [`verify_file`].
+/// Reads one tensor file, after [`verify_file`], a tensor at a time (a big model is never in
+/// memory twice); f16 and bf16 tensors (imported models keep the precision they came in) are
+/// widened to f32.
 fn read_tensors(path: &Path, meta: &Meta, device: &Device) -> Result<HashMap<String, Tensor>> {
     verify_file(path, meta)?;
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    candle_core::safetensors::load_buffer(&bytes, device)
-        .with_context(|| format!("{} is not a valid safetensors file (corrupt checkpoint)", path.display()))
+    let expected = meta.files.get(&file_name(path)).copied();
+    let mut reader = tensor_file::Reader::open(path, expected)
+        .with_context(|| format!("{} is not a valid safetensors file (corrupt checkpoint)", path.display()))?;
+    reader.load_all(device, true)
 }
 
 /// Checks that a tensor file the meta lists exists with its recorded size and SHA-256.

@@ -98,6 +98,16 @@ impl ModelArgs {
     /// The checkpoint these flags name, loaded (weights only) and checked against `tokenizer`.
     pub fn load(&self, default: Source, tokenizer: &bpe::Tokenizer, device: &Device) -> Result<(Checkpoint, Located)> {
         let at = self.locate(default)?;
+        let own = at.dir.join(crate::tokenizer::CHECKPOINT_TOKENIZER);
+        if own.exists() && crate::tokenizer::for_checkpoint(&at.dir)?.fingerprint() != tokenizer.fingerprint() {
+            bail!(
+                "{} is an imported model with a tokenizer of its own ({}), not the project's: to train on from it, \
+                 make it the project's tokenizer (copy that directory to {})",
+                at.dir.display(),
+                own.display(),
+                crate::tokenizer::tokenizer_dir().display()
+            );
+        }
         let ckpt = load(&at.dir, at.step, device, false, Some(&tokenizer.fingerprint())).with_context(|| {
             format!(
                 "loading the {} model {} at step {}: pick another step with --step, or make a new one with `{}`",
@@ -110,11 +120,12 @@ impl ModelArgs {
         Ok((ckpt, at))
     }
 
-    /// The project tokenizer and the model these flags name, in an engine whose weights are in
-    /// `weights`: f32 on the GPU when there is one; reduced precision exists only on the native
-    /// CPU path, so for bf16 and int8 the checkpoint is loaded into host memory.
+    /// The model these flags name with its tokenizer (the project's, or the one an imported model
+    /// carries), in an engine whose weights are in `weights`: f32 on the GPU when there is one;
+    /// reduced precision exists only on the native CPU path, so for bf16 and int8 the checkpoint
+    /// is loaded into host memory.
     pub fn load_engine(&self, default: Source, weights: WeightFormat) -> Result<Engine> {
-        let tokenizer = crate::tokenizer::load()?;
+        let tokenizer = crate::tokenizer::for_checkpoint(&self.locate(default)?.dir)?;
         let device = if weights == WeightFormat::F32 { Device::cuda_if_available(0)? } else { Device::Cpu };
         let (ckpt, _) = self.load(default, &tokenizer, &device)?;
         let model = GPT::new(&ckpt.meta.model_config, VarBuilder::from_tensors(ckpt.model, DType::F32, &device))?;

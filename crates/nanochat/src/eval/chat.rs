@@ -376,6 +376,7 @@ pub fn generate_options(opts: &ChatEvalOptions) -> GenerateOptions {
         temperature: opts.temperature,
         top_k: opts.top_k,
         seed: opts.seed,
+        ..GenerateOptions::default()
     }
 }
 

@@ -21,6 +21,9 @@
 //! The weights are taken from the GPT by [`Param`], the parameter table's names for them.
 
 mod kernels;
+mod snapshot;
+
+pub use snapshot::SlotKv;
 
 use std::fmt;
 
@@ -223,7 +226,8 @@ pub struct DecodeModel {
     wte: Vec<f32>,
     layers: Vec<Layer>,
     lm_head: Matrix,
-    /// bf16-rounded cos and sin, (positions × head_dim/2), shared with `GPT::rotary`.
+    /// cos and sin, (positions × head_dim/2), shared with `GPT::rotary` (bf16-rounded unless the
+    /// config records fp32 tables).
     cos: Vec<f32>,
     sin: Vec<f32>,
     rotary_len: usize,

@@ -2,7 +2,8 @@
 //!
 //! Design choices, all as in the original:
 //! - rotary position embeddings (base 10,000, halves rotated, not interleaved), no learned positions;
-//!   the cos/sin tables hold bf16-rounded values, because v0 stores them in bf16
+//!   the cos/sin tables hold bf16-rounded values, because v0 stores them in bf16 (a model imported
+//!   from transformers records fp32 tables instead, see [`RotaryTables`])
 //! - QK-norm: RMSNorm of queries and keys after RoPE
 //! - untied token embedding and lm_head, no biases anywhere
 //! - RMSNorm without learnable parameters, eps = f32::EPSILON
@@ -39,6 +40,18 @@ const MAX_EMBD: usize = 1 << 16;
 const MAX_VOCAB: usize = 1 << 24;
 const MAX_SEQUENCE_LEN: usize = 1 << 20;
 
+/// The precision of the rotary cos/sin tables, a property of how a model was trained: its weights
+/// expect the tables it saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RotaryTables {
+    /// Rounded to bf16, as v0 keeps them (every model trained here or by the original).
+    #[default]
+    Bf16,
+    /// Full fp32, as transformers' `NanoChatForCausalLM` computes them (models imported from it).
+    F32,
+}
+
 /// Model shape. Everything derives from `depth` in practice (see [`GPTConfig::from_depth`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GPTConfig {
@@ -48,6 +61,9 @@ pub struct GPTConfig {
     pub n_head: usize,
     pub n_kv_head: usize,
     pub n_embd: usize,
+    /// Recorded in every checkpoint; metas written before it existed are v0's bf16.
+    #[serde(default)]
+    pub rotary: RotaryTables,
 }
 
 impl GPTConfig {
@@ -55,7 +71,15 @@ impl GPTConfig {
     pub fn from_depth(depth: usize, vocab_size: usize, sequence_len: usize) -> Self {
         let n_embd = depth * 64;
         let n_head = n_embd.div_ceil(128).max(1);
-        Self { sequence_len, vocab_size, n_layer: depth, n_head, n_kv_head: n_head, n_embd }
+        Self {
+            sequence_len,
+            vocab_size,
+            n_layer: depth,
+            n_head,
+            n_kv_head: n_head,
+            n_embd,
+            rotary: RotaryTables::default(),
+        }
     }
 
     pub fn head_dim(&self) -> usize {
@@ -162,15 +186,20 @@ pub fn named_vars(config: &GPTConfig, varmap: &VarMap) -> Result<Vec<(String, Va
         .collect()
 }
 
-/// The rotary cos and sin tables, each (len, 1, head_dim/2): f32 tensors holding bf16-rounded
-/// values, because v0 keeps these buffers in bf16 and fp32 * bf16 promotes to fp32.
-fn rotary_tables(len: usize, head_dim: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+/// The rotary cos and sin tables, each (len, 1, head_dim/2), f32 tensors: with
+/// [`RotaryTables::Bf16`] holding bf16-rounded values, because v0 keeps these buffers in bf16 and
+/// fp32 * bf16 promotes to fp32; with [`RotaryTables::F32`] unrounded, as transformers has them.
+fn rotary_tables(len: usize, head_dim: usize, precision: RotaryTables, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / ROPE_BASE.powf((2 * i) as f32 / head_dim as f32)).collect();
     let freqs: Vec<f32> = (0..len).flat_map(|t| inv_freq.iter().map(move |f| t as f32 * f)).collect();
     let table = |f: fn(f32) -> f32| -> Result<Tensor> {
         let values: Vec<f32> = freqs.iter().map(|&x| f(x)).collect();
-        Tensor::from_vec(values, (len, 1, half), device)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+        let table = Tensor::from_vec(values, (len, 1, half), device)?;
+        match precision {
+            RotaryTables::Bf16 => table.to_dtype(DType::BF16)?.to_dtype(DType::F32),
+            RotaryTables::F32 => Ok(table),
+        }
     };
     Ok((table(f32::cos)?, table(f32::sin)?))
 }
@@ -411,7 +440,7 @@ impl GPT {
             .collect::<Result<Vec<_>>>()?;
         let (wte, lm_head) = (Embedding::new(tensor(Param::Wte)?, config.n_embd), linear(Param::LmHead)?);
         let rotary_len = config.sequence_len * ROTARY_LEN_FACTOR;
-        let (cos, sin) = rotary_tables(rotary_len, config.head_dim(), vb.device())?;
+        let (cos, sin) = rotary_tables(rotary_len, config.head_dim(), config.rotary, vb.device())?;
         Ok(Self {
             config: config.clone(),
             kernels: Kernels::default(),

@@ -12,6 +12,6 @@ pub mod ops;
 pub mod params;
 
 pub use fused::Kernels;
-pub use gpt::{named_vars, GPTConfig, Reduction, GPT};
+pub use gpt::{named_vars, GPTConfig, Reduction, RotaryTables, GPT};
 pub use kv_cache::KvCache;
 pub use params::{BlockParam, Init, OptimGroup, Param, ParamSpec};

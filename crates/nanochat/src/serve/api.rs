@@ -8,7 +8,12 @@
 //!
 //! Beyond the original: a failure after the stream started (time limit, engine error) is sent as
 //! `data: {"error": "..."}` before the closing `done`, a full queue is a 503, and a conversation
-//! too long for the model is a 400 instead of a crash.
+//! too long for the model is a 400 instead of a crash. The request also takes the OpenAI API's
+//! sampling fields ([`params`](super::params): `top_p`, `seed`, `frequency_penalty`,
+//! `presence_penalty`, `stop`, `max_completion_tokens`). And the calculator's exchange streams as
+//! `<<expr=result>>` text ([`transcript`](super::transcript)) instead of the original's raw
+//! `<|python_start|>`… token names, so the UI sends a conversation back the way the model wrote
+//! it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,26 +24,20 @@ use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
+use super::params::{parse, SamplingFields, MAX_MAX_TOKENS, MAX_TEMPERATURE, MAX_TOP_K};
+use super::transcript::{render_prompt, Segment};
 use super::workers::Event;
-use super::{json_response, render_prompt, AppState, EventBody, Speaker};
-use crate::engine::GenerateOptions;
+use super::{json_response, AppState, EventBody};
 
 pub const MAX_MESSAGES: usize = 500;
 pub const MAX_MESSAGE_CHARS: usize = 8_000;
 pub const MAX_TOTAL_CHARS: usize = 32_000;
-pub const MAX_TEMPERATURE: f64 = 2.0;
-pub const MAX_TOP_K: i64 = 200;
-pub const MAX_MAX_TOKENS: i64 = 4_096;
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
     messages: Vec<ChatMessage>,
-    temperature: Option<f64>,
-    // signed, so a negative value gets the range message rather than a type error
-    top_k: Option<i64>,
-    max_tokens: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,7 +110,7 @@ pub(crate) fn busy_message(state: &AppState) -> String {
 }
 
 /// The original's checks, in its order and words (except `top_k`, where 0 means no limit).
-fn validate(req: &ChatRequest) -> Result<(), String> {
+fn validate(req: &ChatRequest, fields: &SamplingFields) -> Result<(), String> {
     if req.messages.is_empty() {
         return Err("At least one message is required".into());
     }
@@ -140,17 +139,17 @@ fn validate(req: &ChatRequest) -> Result<(), String> {
             ));
         }
     }
-    if let Some(t) = req.temperature {
+    if let Some(t) = fields.temperature {
         if !(0.0..=MAX_TEMPERATURE).contains(&t) {
             return Err(format!("Temperature must be between 0.0 and {MAX_TEMPERATURE:.1}"));
         }
     }
-    if let Some(k) = req.top_k {
+    if let Some(k) = fields.top_k {
         if !(0..=MAX_TOP_K).contains(&k) {
             return Err(format!("top_k must be between 0 and {MAX_TOP_K} (0 = no limit)"));
         }
     }
-    if let Some(m) = req.max_tokens {
+    if let Some(m) = fields.max_tokens {
         if !(1..=MAX_MAX_TOKENS).contains(&m) {
             return Err(format!("max_tokens must be between 1 and {MAX_MAX_TOKENS}"));
         }
@@ -172,31 +171,33 @@ pub(crate) fn reply_room(state: &AppState, prompt_len: usize) -> Result<usize, S
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    body: Result<Json<ChatRequest>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> Response {
-    let req = match body {
-        Ok(Json(req)) => req,
+    let value = match body {
+        Ok(Json(value)) => value,
         Err(rejection) => {
             let (status, message) = rejection_status(&rejection);
             return detail(status, message);
         }
     };
-    if let Err(message) = validate(&req) {
+    let read = parse::<ChatRequest>(&value).and_then(|req| Ok((req, parse::<SamplingFields>(&value)?)));
+    let (req, fields) = match read {
+        Ok(read) => read,
+        Err(invalid) => return detail(StatusCode::BAD_REQUEST, invalid.message),
+    };
+    if let Err(message) = validate(&req, &fields) {
         return detail(StatusCode::BAD_REQUEST, message);
     }
-    let messages: Vec<(Speaker, String)> = req
+    let segments: Vec<Segment> = req
         .messages
         .into_iter()
-        .map(|m| {
-            let speaker = match m.role.as_str() {
-                "system" => Speaker::System,
-                "user" => Speaker::User,
-                _ => Speaker::Assistant,
-            };
-            (speaker, m.content)
+        .map(|m| match m.role.as_str() {
+            "system" => Segment::System(m.content),
+            "user" => Segment::User(m.content),
+            _ => Segment::Assistant(m.content),
         })
         .collect();
-    let prompt = match render_prompt(&state.tokenizer, &messages) {
+    let prompt = match render_prompt(&state.tokenizer, &segments) {
         Ok(prompt) => prompt,
         Err(e) => return detail(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
     };
@@ -204,16 +205,13 @@ pub async fn chat_completions(
         Ok(room) => room,
         Err(message) => return detail(StatusCode::BAD_REQUEST, message),
     };
-    let config = &state.config;
-    let opts = GenerateOptions {
-        num_samples: 1,
-        max_tokens: req.max_tokens.map_or(config.max_tokens, |m| m as usize).min(room),
-        temperature: req.temperature.unwrap_or(config.temperature),
-        top_k: Some(req.top_k.map_or(config.top_k, |k| k as usize)),
-        // as the original: a fresh seed per request
-        seed: rand::random(),
+    // as the original: a fresh seed per request, unless the request names one
+    let mut sampling = match fields.resolve(&state.config) {
+        Ok(sampling) => sampling,
+        Err(invalid) => return detail(StatusCode::BAD_REQUEST, invalid.message),
     };
-    let events = match state.pool.submit(prompt, opts) {
+    sampling.opts.max_tokens = sampling.opts.max_tokens.min(room);
+    let events = match state.pool.submit(prompt, sampling.opts, sampling.stop) {
         Ok(events) => events,
         Err(_) => {
             let mut response = detail(StatusCode::SERVICE_UNAVAILABLE, busy_message(&state));
@@ -230,9 +228,10 @@ fn native_event(event: Event) -> (String, bool) {
     const DONE: &str = "data: {\"done\": true}\n\n";
     let quote = |s: &str| serde_json::Value::from(s).to_string();
     match event {
-        Event::Text { text, worker } => {
+        Event::Text { text, worker, .. } if !text.is_empty() => {
             (format!("data: {{\"token\": {}, \"gpu\": {worker}}}\n\n", quote(&text)), false)
         }
+        Event::Text { .. } | Event::End { .. } => (String::new(), false),
         Event::Done { .. } => (DONE.to_string(), true),
         Event::Error(message) => (format!("data: {{\"error\": {}}}\n\n{DONE}", quote(&message)), true),
     }

@@ -2,9 +2,17 @@
 //!
 //! - `GET /` the chat UI (`ui.html`, embedded in the binary);
 //! - `POST /chat/completions`, `GET /health`, `GET /stats`: the original's API ([`api`]);
-//! - `POST /v1/chat/completions`, `GET /v1/models`: an OpenAI-compatible API ([`openai`]).
+//! - `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models[/{id}]`: an
+//!   OpenAI-compatible API ([`openai`], [`completions`]; docs/API.md lists what it supports);
+//! - `GET /metrics`: Prometheus metrics ([`metrics`]).
 //!
-//! Throughput: each worker decodes up to `--batch` replies together (continuous batching).
+//! Around them ([`layers`]): CORS (`--cors-origin`), bearer-token auth (`--api-key`), JSON bodies
+//! for every 404 and 405. Requests share their sampling fields ([`params`]); conversations are
+//! rendered to tokens and replies to text by [`transcript`], with the calculator's exchange as
+//! readable text.
+//!
+//! Throughput: each worker decodes up to `--batch` replies together (continuous batching), and a
+//! conversation's next turn prefills only its new tokens (the prompt cache, `--prompt-cache-mb`).
 //!
 //! Safety under load: a bounded queue in front of the workers (503 when full), a time limit per
 //! request, request bodies capped at 1 MB, every malformed request answered with a 4xx and a
@@ -13,8 +21,15 @@
 //! and a shutdown on SIGINT/SIGTERM that lets running replies finish, up to a deadline.
 
 mod api;
+mod completions;
 pub mod conn;
+mod layers;
+pub mod metrics;
 mod openai;
+mod params;
+mod prompt_cache;
+mod reply;
+pub mod transcript;
 pub mod workers;
 
 use std::convert::Infallible;
@@ -29,6 +44,7 @@ use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, StatusCode};
+use axum::middleware::from_fn_with_state;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
@@ -40,6 +56,7 @@ use crate::checkpoint::{ModelArgs, Source};
 use crate::engine::{Engine, SamplingArgs};
 use crate::model::decode::WeightFormat;
 use conn::{ConnectionArgs, ConnectionLimits};
+use params::{MAX_MAX_TOKENS, MAX_TEMPERATURE, MAX_TOP_K};
 use workers::{Event, Pool};
 
 /// Request bodies above this are refused (413): the largest valid request (32,000 characters of
@@ -81,6 +98,18 @@ pub struct ServeArgs {
     pub weights: WeightFormat,
     #[command(flatten)]
     pub connections: ConnectionArgs,
+    /// Memory for the prompt cache, in MB: the keys and values of recent conversations, shared by
+    /// the workers, so a conversation's next turn prefills only its new tokens; 0 = off.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_cache_mb: usize,
+    /// Let browsers on this origin call the API (CORS), e.g. https://example.com; repeat it or
+    /// separate origins with commas; `*` for any origin. Off by default.
+    #[arg(long = "cors-origin", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Require `Authorization: Bearer KEY` on every route but the UI page and /health (the UI
+    /// asks for the key). Off by default.
+    #[arg(long, env = "NANOCHAT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// How the server answers, apart from its workers.
@@ -95,6 +124,12 @@ pub struct ServerConfig {
     pub temperature: f64,
     pub top_k: usize,
     pub max_tokens: usize,
+    /// Bytes the prompt cache may hold; 0 = no prompt caching.
+    pub prompt_cache_bytes: usize,
+    /// Origins allowed to call the API from a browser (`*` = any); empty = no CORS.
+    pub cors_origins: Vec<String>,
+    /// The bearer token every request but the UI and /health must carry; `None` = open.
+    pub api_key: Option<String>,
 }
 
 /// What every handler sees.
@@ -136,7 +171,7 @@ impl Server {
             .with_context(|| format!("listening on {host}:{port}: pick another --port or stop what uses it"))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let pool = Pool::start(engines, config.batch, config.queue, config.time_limit)?;
+        let pool = Pool::start(engines, config.batch, config.queue, config.time_limit, config.prompt_cache_bytes)?;
         let state = Arc::new(AppState { pool, config, tokenizer, max_positions });
         let (stop, stopped) = oneshot::channel();
         let thread = std::thread::Builder::new()
@@ -193,15 +228,33 @@ fn serve(
 }
 
 fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    // `run` refuses a bad origin before it loads the model; a library caller's is reported here
+    let cors = layers::cors(&state.config.cors_origins).unwrap_or_else(|e| {
+        eprintln!("{e:#}: CORS stays off");
+        None
+    });
+    let router = Router::new()
         .route("/", get(api::ui))
         .route("/health", get(api::health))
         .route("/stats", get(api::stats))
+        .route("/metrics", get(metrics::metrics))
         .route("/chat/completions", post(api::chat_completions))
         .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
         .route("/v1/chat/completions", post(openai::chat_completions))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .route("/v1/completions", post(completions::completions))
+        .fallback(layers::not_found)
+        // after every route: it applies to the routes there are
+        .method_not_allowed_fallback(layers::method_not_allowed)
+        .layer(from_fn_with_state(Arc::clone(&state), layers::auth))
+        .layer(from_fn_with_state(Arc::clone(&state), layers::count))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    // outermost, so that preflight requests and 401s get the CORS headers too
+    let router = match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.with_state(state)
 }
 
 /// `nanochat serve`: loads one engine per worker and serves until interrupted.
@@ -210,16 +263,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
     anyhow::ensure!(args.time_limit > 0, "--time-limit must be at least 1 second");
     // the defaults obey the limits a request's own values must meet
     anyhow::ensure!(
-        (0.0..=api::MAX_TEMPERATURE).contains(&args.sampling.temperature),
+        (0.0..=MAX_TEMPERATURE).contains(&args.sampling.temperature),
         "--temperature must be between 0 and 2"
     );
-    anyhow::ensure!(args.sampling.top_k as i64 <= api::MAX_TOP_K, "--top-k must be at most {}", api::MAX_TOP_K);
+    anyhow::ensure!(args.sampling.top_k as i64 <= MAX_TOP_K, "--top-k must be at most {MAX_TOP_K}");
     anyhow::ensure!(
-        (1..=api::MAX_MAX_TOKENS).contains(&(args.sampling.max_tokens as i64)),
-        "--max-tokens must be between 1 and {}",
-        api::MAX_MAX_TOKENS
+        (1..=MAX_MAX_TOKENS).contains(&(args.sampling.max_tokens as i64)),
+        "--max-tokens must be between 1 and {MAX_MAX_TOKENS}"
     );
     let limits = args.connections.limits()?;
+    // checked before loading the model: a typo should not cost the load
+    layers::cors(&args.cors_origins)?;
+    let api_key = args.api_key.filter(|k| !k.is_empty());
     let mut engines = Vec::with_capacity(args.workers);
     for _ in 0..args.workers {
         engines.push(args.model.load_engine(Source::Sft, args.weights)?);
@@ -233,6 +288,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         temperature: args.sampling.temperature,
         top_k: args.sampling.top_k,
         max_tokens: args.sampling.max_tokens,
+        prompt_cache_bytes: args.prompt_cache_mb.saturating_mul(1 << 20),
+        cors_origins: args.cors_origins,
+        api_key,
     };
     let port = match args.deprecated_port {
         Some(port) => {
@@ -250,54 +308,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
         args.weights
     );
     server.wait()
-}
-
-/// Who wrote a message of a request, after validation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Speaker {
-    System,
-    User,
-    Assistant,
-}
-
-/// Renders messages as the original's server does: `<|bos|>`, each user message in
-/// `<|user_start|>…<|user_end|>` and each assistant message in `<|assistant_start|>…<|assistant_end|>`
-/// (no alternation required), then `<|assistant_start|>` for the reply. A system message (first
-/// only) joins the next user message after a blank line, as in training conversations; with no
-/// user message right after it, it becomes a user message of its own rather than vanish.
-pub(crate) fn render_prompt(tok: &bpe::Tokenizer, messages: &[(Speaker, String)]) -> Result<Vec<u32>> {
-    let id = |name: &str| tok.special_id(name).with_context(|| format!("the tokenizer has no {name}"));
-    let (user_start, user_end) = (id("<|user_start|>")?, id("<|user_end|>")?);
-    let (assistant_start, assistant_end) = (id("<|assistant_start|>")?, id("<|assistant_end|>")?);
-    let mut ids = vec![tok.bos_id()];
-    let user = |ids: &mut Vec<u32>, text: &str| {
-        ids.push(user_start);
-        ids.extend(tok.encode(text));
-        ids.push(user_end);
-    };
-    let mut system: Option<&str> = None;
-    for (speaker, text) in messages {
-        match speaker {
-            Speaker::System => system = Some(text),
-            Speaker::User => match system.take() {
-                Some(system) => user(&mut ids, &format!("{system}\n\n{text}")),
-                None => user(&mut ids, text),
-            },
-            Speaker::Assistant => {
-                if let Some(system) = system.take() {
-                    user(&mut ids, system);
-                }
-                ids.push(assistant_start);
-                ids.extend(tok.encode(text));
-                ids.push(assistant_end);
-            }
-        }
-    }
-    if let Some(system) = system {
-        user(&mut ids, system);
-    }
-    ids.push(assistant_start);
-    Ok(ids)
 }
 
 /// A streamed response body: each worker event formatted by `format`, which also says whether it
@@ -327,14 +337,19 @@ impl<F: FnMut(Event) -> (String, bool) + Unpin> futures_core::Stream for EventBo
         if this.ended {
             return Poll::Ready(None);
         }
-        match this.events.poll_recv(cx) {
-            Poll::Ready(Some(event)) => {
-                let (text, last) = (this.format)(event);
-                this.ended = last;
-                Poll::Ready(Some(Ok(Bytes::from(text))))
+        loop {
+            match this.events.poll_recv(cx) {
+                Poll::Ready(Some(event)) => {
+                    let (text, last) = (this.format)(event);
+                    this.ended = last;
+                    // an event with nothing to send (the native API's end of a choice) is skipped
+                    if !text.is_empty() || last {
+                        return Poll::Ready(Some(Ok(Bytes::from(text))));
+                    }
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
             }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
         }
     }
 }

@@ -327,7 +327,6 @@ fn write_train_section(args: &TrainArgs, tokenizer: &bpe::Tokenizer, report: &Tr
 fn run_eval(args: &EvalArgs, comm: &dyn Communicator) -> Result<()> {
     let started = Instant::now();
     let root = comm.is_root();
-    let tokenizer = crate::tokenizer::load()?;
     let base = crate::common::base_dir();
     let checkpoints = base.join("base_checkpoints");
     let tag = match &args.model_tag {
@@ -335,6 +334,7 @@ fn run_eval(args: &EvalArgs, comm: &dyn Communicator) -> Result<()> {
         None => crate::checkpoint::default_model_tag(&checkpoints)?,
     };
     let dir = checkpoints.join(&tag);
+    let tokenizer = crate::tokenizer::for_checkpoint(&dir)?;
     let step = match args.step {
         Some(step) => step,
         None => checkpoint::latest_step(&dir)?.with_context(|| {

@@ -124,6 +124,7 @@ impl RolloutArgs {
             temperature: self.temperature,
             top_k: Some(self.top_k).filter(|&k| k > 0),
             seed,
+            ..GenerateOptions::default()
         }
     }
 }

@@ -11,7 +11,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use nanochat::engine::{Engine, GenerateOptions};
 use nanochat::model::{GPTConfig, GPT};
-use nanochat::serve::workers::ReplyText;
+use nanochat::serve::transcript::ReplyText;
 use nanochat::serve::{Server, ServerConfig};
 use serde_json::{json, Value};
 
@@ -26,7 +26,15 @@ pub fn tokenizer() -> Result<bpe::Tokenizer> {
 }
 
 pub fn fixture_config() -> GPTConfig {
-    GPTConfig { sequence_len: 64, vocab_size: 1024, n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 64 }
+    GPTConfig {
+        sequence_len: 64,
+        vocab_size: 1024,
+        n_layer: 2,
+        n_head: 4,
+        n_kv_head: 2,
+        n_embd: 64,
+        rotary: Default::default(),
+    }
 }
 
 pub fn fixture_engine() -> Result<Engine> {
@@ -37,7 +45,15 @@ pub fn fixture_engine() -> Result<Engine> {
 
 /// Large enough that each token costs real time, all zeros so greedy decoding never stops.
 pub fn endless_engine() -> Result<Engine> {
-    let config = GPTConfig { sequence_len: 512, vocab_size: 1024, n_layer: 6, n_head: 4, n_kv_head: 4, n_embd: 512 };
+    let config = GPTConfig {
+        sequence_len: 512,
+        vocab_size: 1024,
+        n_layer: 6,
+        n_head: 4,
+        n_kv_head: 4,
+        n_embd: 512,
+        rotary: Default::default(),
+    };
     Engine::new(GPT::new(&config, VarBuilder::zeros(DType::F32, &Device::Cpu))?, tokenizer()?)
 }
 
@@ -50,6 +66,9 @@ pub fn config(queue: usize, time_limit: Duration) -> ServerConfig {
         temperature: 0.0,
         top_k: 50,
         max_tokens: 16,
+        prompt_cache_bytes: 64 << 20,
+        cors_origins: Vec::new(),
+        api_key: None,
     }
 }
 
@@ -146,7 +165,8 @@ pub fn greedy(engine: &Engine, question: &str, max_tokens: usize) -> Result<(Vec
         vec![special("<|user_end|>")?, special("<|assistant_start|>")?],
     ]
     .concat();
-    let opts = GenerateOptions { num_samples: 1, max_tokens, temperature: 0.0, top_k: None, seed: 0 };
+    let opts =
+        GenerateOptions { num_samples: 1, max_tokens, temperature: 0.0, top_k: None, seed: 0, ..Default::default() };
     let (reply, count) = reply_text(engine, &prompt, &opts)?;
     Ok((prompt, reply, count))
 }

@@ -28,7 +28,7 @@ for chunk in stream:
             finish = choice.finish_reason
 
 try:
-    client.chat.completions.create(model=models[0], messages=messages, top_p=0.5)
+    client.chat.completions.create(model=models[0], messages=messages, logit_bias={"1": 5})
     refused = None
 except openai.BadRequestError as e:
     refused = {"status": e.status_code, "message": e.message}
