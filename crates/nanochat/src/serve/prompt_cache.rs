@@ -127,7 +127,15 @@ mod tests {
     /// Every weight random (the v0 init zeroes the output projections, which would make every
     /// position's keys independent of the others and every logit 0).
     fn model() -> DecodeModel {
-        let config = GPTConfig { sequence_len: 32, vocab_size: 64, n_layer: 2, n_head: 2, n_kv_head: 1, n_embd: 32 };
+        let config = GPTConfig {
+            sequence_len: 32,
+            vocab_size: 64,
+            n_layer: 2,
+            n_head: 2,
+            n_kv_head: 1,
+            n_embd: 32,
+            rotary: Default::default(),
+        };
         let mut rng = StdRng::seed_from_u64(3);
         let weights: HashMap<String, Tensor> = config
             .params()

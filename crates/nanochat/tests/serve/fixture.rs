@@ -50,7 +50,15 @@ pub fn tokenizer() -> bpe::Tokenizer {
 }
 
 fn config(tok: &bpe::Tokenizer, n_layer: usize, n_head: usize, n_embd: usize) -> GPTConfig {
-    GPTConfig { sequence_len: 64, vocab_size: tok.vocab_size(), n_layer, n_head, n_kv_head: 1, n_embd }
+    GPTConfig {
+        sequence_len: 64,
+        vocab_size: tok.vocab_size(),
+        n_layer,
+        n_head,
+        n_kv_head: 1,
+        n_embd,
+        rotary: Default::default(),
+    }
 }
 
 fn engine(config: &GPTConfig, weights: HashMap<String, Tensor>, tok: bpe::Tokenizer, backend: Backend) -> Engine {
