@@ -117,7 +117,13 @@ impl Shard {
     /// The documents of row group `index`, nulls skipped. Invalid UTF-8 is replaced rather than
     /// fatal: one bad document should not stop a training run.
     pub fn read_texts(&self, index: usize) -> Result<Vec<String>> {
-        let context = || format!("reading row group {index} of {}", self.path.display());
+        let context = || {
+            format!(
+                "reading row group {index} of {}: the file is damaged (a corrupt page); delete it and download \
+                 it again (`nanochat data download`), or build it again",
+                self.path.display()
+            )
+        };
         let row_group = self.reader.get_row_group(index).with_context(context)?;
         let rows = usize::try_from(row_group.metadata().num_rows()).unwrap_or(0);
         let column = row_group.get_column_reader(self.text_column).with_context(context)?;

@@ -3,11 +3,12 @@
 //! choice, calculator calls, spelling and who it is.
 //!
 //! Design choices, as in the original unless said otherwise:
-//! - the mixture: chat data, multiple choice (here MMLU dev + validation and ARC-Easy/Challenge
-//!   validation, since MMLU's auxiliary_train is not in the offline mirror; the test splits stay
-//!   for evaluation), GSM8K train with calculator parts, the identity conversations twice, and
-//!   SimpleSpelling / SpellingBee sized in the original's proportion to the chat data (200 and 80
-//!   per 460 chat conversations), all shuffled together by `--seed`;
+//! - the mixture: chat data (SmolTalk), multiple choice (MMLU auxiliary_train), GSM8K train with
+//!   calculator parts, the identity conversations twice, and SimpleSpelling / SpellingBee sized in
+//!   the original's proportion to the chat data (200 and 80 per 460 chat conversations), all
+//!   shuffled together by `--seed`; from an offline mirror, which lacks SmolTalk and MMLU's
+//!   auxiliary_train, its ShareGPT conversations and MMLU dev + validation with ARC-Easy/Challenge
+//!   validation stand in (the test splits stay for evaluation);
 //! - the loss covers every token, the mask of `render_conversation` is ignored: midtraining is the
 //!   pretraining objective on chat-formatted text (SFT is where only the assistant's tokens count);
 //! - conversations are concatenated into one stream and cut into micro-batches of
@@ -49,6 +50,7 @@ use super::{
 };
 use crate::checkpoint::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
+use crate::data::sources::{self, Dataset, RemoteFile};
 use crate::dist::{self, or_abort, rank_stride, Communicator, SingleProcess};
 use crate::optim::{muon_momentum, LrSchedule};
 use crate::tasks::arc::{ArcSubset, ArcTask};
@@ -160,23 +162,45 @@ fn run_on(args: &MidArgs, comm: &dyn Communicator) -> Result<()> {
 /// training part and the held-out last `val_fraction` of it.
 pub fn mid_mixture(stage: &ChatStageArgs, val_fraction: f64) -> Result<(Arc<dyn Task>, Arc<dyn Task>)> {
     let root = stage.data_root();
-    let chat = ChatData::sharegpt(&root, "train")?;
+    let chat = ChatData::load(&root, "train")?;
     let words = load_words(&root)?;
     let identity = stage.identity()?;
     let spelling = |per_460: usize| chat.len() * per_460 / 460;
-    let tasks: Vec<Arc<dyn Task>> = vec![
+    let mut tasks: Vec<Arc<dyn Task>> = vec![
         Arc::new(SimpleSpelling::new(words.clone(), spelling(200), Split::Train)),
         Arc::new(SpellingBee::new(words, spelling(80), Split::Train)),
         Arc::new(chat),
-        Arc::new(Mmlu::load(&root, "dev")?),
-        Arc::new(Mmlu::load(&root, "validation")?),
-        Arc::new(ArcTask::load(&root, ArcSubset::Easy, "validation")?),
-        Arc::new(ArcTask::load(&root, ArcSubset::Challenge, "validation")?),
-        Arc::new(Gsm8k::load(&root, "train")?),
-        identity.clone(),
-        identity,
     ];
+    if root.is_mirror() {
+        tasks.extend([
+            Arc::new(Mmlu::load(&root, "dev")?) as Arc<dyn Task>,
+            Arc::new(Mmlu::load(&root, "validation")?),
+            Arc::new(ArcTask::load(&root, ArcSubset::Easy, "validation")?),
+            Arc::new(ArcTask::load(&root, ArcSubset::Challenge, "validation")?),
+        ]);
+    } else {
+        tasks.push(Arc::new(Mmlu::load(&root, "auxiliary_train")?));
+    }
+    tasks.extend([Arc::new(Gsm8k::load(&root, "train")?) as Arc<dyn Task>, identity.clone(), identity]);
     split_off_val(Arc::new(TaskMixture::new(tasks, stage.seed)), val_fraction)
+}
+
+/// The online data [`mid_mixture`] reads (the identity conversations aside), for listing what the
+/// stage downloads.
+fn sources() -> Vec<Dataset> {
+    let mut datasets = sources::smoltalk("train");
+    datasets.extend([sources::mmlu("auxiliary_train"), sources::gsm8k("train"), Dataset::Words]);
+    datasets
+}
+
+impl MidCommand {
+    /// What running this command downloads on first use (nothing with a mirror).
+    pub fn downloads(&self) -> Vec<RemoteFile> {
+        let MidCommand::Train(args) = self;
+        let mut datasets = sources();
+        datasets.extend(args.stage.identity_sources());
+        args.stage.downloads(&datasets)
+    }
 }
 
 /// `(first part, last val_fraction)` of a task; both must be non-empty.
