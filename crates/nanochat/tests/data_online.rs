@@ -172,6 +172,25 @@ fn a_cut_connection_resumes_where_it_stopped() {
 }
 
 #[test]
+fn processes_sharing_the_cache_download_each_file_once() {
+    let hub = Hub::start();
+    hub.serve_fixtures();
+    let path = resolve_path("HuggingFaceTB/smol-smoltalk", "data/test-00000-of-00001.parquet");
+    hub.slow(&path);
+    let cache = tempfile::tempdir().unwrap();
+    // the ranks of a data-parallel run load the same data at the same time
+    let loaded: Vec<usize> = std::thread::scope(|s| {
+        let ranks: Vec<_> =
+            (0..4).map(|_| s.spawn(|| ChatData::load(&online(&hub, cache.path()), "test").unwrap().len())).collect();
+        ranks.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert!(loaded.iter().all(|&n| n == loaded[0] && n > 0), "{loaded:?}");
+    let fetched = hub.seen().into_iter().filter(|s| s.path == format!("/storage{path}")).count();
+    assert_eq!(fetched, 1, "one download, the others wait for it");
+    assert!(tree(cache.path()).iter().all(|f| !f.contains(".part")), "{:?}", tree(cache.path()));
+}
+
+#[test]
 fn a_corrupt_download_is_refused_and_a_damaged_file_named() {
     let hub = Hub::start();
     hub.serve_fixtures();

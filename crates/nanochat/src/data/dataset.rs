@@ -132,12 +132,17 @@ impl Shard {
         };
         let mut values: Vec<ByteArray> = Vec::with_capacity(rows);
         let mut levels = Vec::with_capacity(rows);
-        loop {
-            let (records, _, _) =
-                column.read_records(ROW_GROUP_DOCS, Some(&mut levels), None, &mut values).with_context(context)?;
-            if records == 0 {
-                break;
+        // The decoders panic on some corrupt pages rather than failing: contain that.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+            match column.read_records(ROW_GROUP_DOCS, Some(&mut levels), None, &mut values) {
+                Ok((0, _, _)) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
             }
+        }));
+        match read {
+            Ok(result) => result.with_context(context)?,
+            Err(_) => bail!("{}: the parquet decoder failed", context()),
         }
         Ok(values.iter().map(|v| String::from_utf8_lossy(v.data()).into_owned()).collect())
     }

@@ -21,8 +21,9 @@ use anyhow::{bail, Result};
 
 /// The help of every command's `--data-dir`.
 pub const MIRROR_HELP: &str = "An offline data mirror laid out like ../shared/data (pretrain/gutenberg/, eval/, sft/, \
-                               words/): this command reads its part there and downloads nothing [default: the \
-                               original's online sources, downloaded on first use into $NANOCHAT_BASE_DIR]";
+                               words/): this command reads its part of it and downloads nothing. Without it the data \
+                               comes from $NANOCHAT_BASE_DIR, where the original's online sources are downloaded on \
+                               first use";
 
 /// The mirror's pretraining shards, relative to it.
 pub const MIRROR_SHARDS: &str = "pretrain/gutenberg";

@@ -39,6 +39,8 @@ struct File {
     lie: bool,
     /// Cut the next body of this file halfway.
     cut: bool,
+    /// Wait a moment before each body of this file (so that downloads overlap).
+    slow: bool,
 }
 
 #[derive(Default)]
@@ -68,13 +70,13 @@ impl Hub {
 
     /// A plain file at `path` (such as `/words_alpha.txt`).
     pub fn file(&self, path: &str, bytes: Vec<u8>) {
-        let file = File { bytes, lfs: false, lie: false, cut: false };
+        let file = File { bytes, lfs: false, lie: false, cut: false, slow: false };
         self.state.lock().unwrap().files.insert(path.to_string(), file);
     }
 
     /// A file of the dataset `repo` on the hub, at `path` in it.
     pub fn dataset_file(&self, repo: &str, path: &str, bytes: Vec<u8>) {
-        let file = File { bytes, lfs: true, lie: false, cut: false };
+        let file = File { bytes, lfs: true, lie: false, cut: false, slow: false };
         self.state.lock().unwrap().files.insert(resolve_path(repo, path), file);
     }
 
@@ -117,6 +119,11 @@ impl Hub {
     /// stops halfway and the connection closes.
     pub fn cut_next(&self, path: &str) {
         self.state.lock().unwrap().files.get_mut(path).unwrap().cut = true;
+    }
+
+    /// Every body of the file at `path` waits 300 ms before it starts.
+    pub fn slow(&self, path: &str) {
+        self.state.lock().unwrap().files.get_mut(path).unwrap().slow = true;
     }
 
     /// The hub publishes a wrong SHA-256 for the file at `path`.
@@ -257,6 +264,9 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>, storage: Option<&str>) {
     let reply = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n", body.len());
     let _ = stream.write_all(reply.as_bytes());
     if method == "GET" {
+        if file.slow {
+            std::thread::sleep(Duration::from_millis(300));
+        }
         let sent = if cut { &body[..body.len() / 2] } else { body };
         let _ = stream.write_all(sent);
     }
