@@ -274,6 +274,8 @@ fn fetch_once(agent: &ureq::Agent, request: &Request, file: &mut File, part: &Pa
         let msg = format!("HTTP {status}");
         return Err(if status.is_server_error() || code == 408 || code == 429 {
             Failure::Transient(msg)
+        } else if (code == 401 || code == 403) && request.hub.is_some() {
+            Failure::Permanent(format!("{msg}: no access (a gated dataset needs HF_TOKEN set to a token with access)"))
         } else {
             Failure::Permanent(format!("{msg}: no such file at this URL (or no access to it)"))
         });

@@ -13,8 +13,9 @@
 //!   pretraining objective on chat-formatted text (SFT is where only the assistant's tokens count);
 //! - conversations are concatenated into one stream and cut into micro-batches of
 //!   `device-batch-size` × (`max-seq-len` + 1) tokens, inputs the first T of each row and targets
-//!   the last T, like the pretraining stream; the whole stream is rendered up front (4 bytes a
-//!   token: ~100 MB for the mirror's mixture), which fixes the run's length before it starts, so
+//!   the last T, like the pretraining stream; the stream is rendered up front (4 bytes a token:
+//!   ~100 MB for the mirror's mixture; with `--num-iterations`, only the tokens those steps read,
+//!   so a short run on the online mixture does not render all of it), which fixes the run's length before it starts, so
 //!   the LR schedule is base's (constant, then linear warmdown to 0 over the last 20%) on steps
 //!   rather than the original's estimate of progress, and resuming needs no loader state: step N
 //!   starts at micro-batch N × accumulation steps;
@@ -219,9 +220,28 @@ pub fn split_off_val(task: Arc<dyn Task>, val_fraction: f64) -> Result<(Arc<dyn 
 }
 
 /// The conversations of `task` rendered and concatenated, masks dropped (every token is trained on),
-/// each cut to one row of T + 1 tokens as the original cuts them to its context.
-fn token_stream(tokenizer: &bpe::Tokenizer, task: &dyn Task, max_tokens: usize) -> Result<Vec<u32>> {
-    Ok(render_task(tokenizer, task, usize::MAX, max_tokens)?.into_iter().flat_map(|(ids, _)| ids).collect())
+/// each cut to one row of T + 1 tokens as the original cuts them to its context. With a `limit`,
+/// only the stream's first `limit` tokens: conversations are rendered a few thousand at a time
+/// until there are enough, so that a short run on a large mixture (the online SmolTalk has 460K
+/// conversations) does not render all of it; the tokens are the same as the whole stream's first.
+fn token_stream(
+    tokenizer: &bpe::Tokenizer,
+    task: &dyn Task,
+    max_tokens: usize,
+    limit: Option<usize>,
+) -> Result<Vec<u32>> {
+    const CHUNK: usize = 4096;
+    let mut stream = Vec::new();
+    for start in (0..task.len()).step_by(CHUNK) {
+        if limit.is_some_and(|limit| stream.len() >= limit) {
+            break;
+        }
+        stream.extend(
+            render_task(tokenizer, task, start..start + CHUNK, max_tokens)?.into_iter().flat_map(|(ids, _)| ids),
+        );
+    }
+    stream.truncate(limit.unwrap_or(usize::MAX));
+    Ok(stream)
 }
 
 /// Micro-batch `k` of the stream: rows of T + 1 tokens cut one after another, as (inputs, targets).
@@ -278,8 +298,12 @@ pub fn train_on(
     }
     let accum_steps = args.total_batch_size / per_pass;
     let rank_accum_steps = accum_steps_per_rank(comm, accum_steps, "--total-batch-size")?;
-    let stream = token_stream(tokenizer, train_task, seq_len + 1)?;
-    let epoch_steps = stream.len() / (rows * (seq_len + 1)) / accum_steps;
+    let row_tokens = rows * (seq_len + 1);
+    // a run of --num-iterations steps reads that many steps' tokens, and one more token to say
+    // whether the mixture holds them all
+    let needed = args.num_iterations.map(|n| n * accum_steps * row_tokens + 1);
+    let stream = token_stream(tokenizer, train_task, seq_len + 1, needed)?;
+    let epoch_steps = stream.len() / row_tokens / accum_steps;
     let num_iterations = match args.num_iterations {
         Some(n) if n > epoch_steps => {
             bail!("--num-iterations {n} is more than one epoch of the mixture ({epoch_steps} steps): lower it")
@@ -290,13 +314,13 @@ pub fn train_on(
     if num_iterations == 0 {
         bail!("the mixture's {} tokens make no full step of {} tokens", stream.len(), args.total_batch_size);
     }
-    let val_stream = token_stream(tokenizer, val_task, seq_len + 1)?;
-    let val_available = val_stream.len() / (rows * (seq_len + 1));
+    let wanted_val_batches = (args.eval_tokens.unwrap_or(20 * args.total_batch_size) / per_pass).max(1);
+    let val_stream = token_stream(tokenizer, val_task, seq_len + 1, Some(wanted_val_batches * row_tokens))?;
+    let val_available = val_stream.len() / row_tokens;
     if args.eval_every > 0 && val_available == 0 {
         bail!("the held-out conversations make less than one batch: raise --val-fraction or pass --eval-every 0");
     }
-    let val_batches =
-        (args.eval_tokens.unwrap_or(20 * args.total_batch_size) / per_pass).clamp(1, val_available.max(1));
+    let val_batches = wanted_val_batches.min(val_available.max(1));
     let fingerprint = tokenizer.fingerprint();
     let optim_config = args.stage.optim_config(1.0);
     let schedule =
@@ -347,8 +371,8 @@ pub fn train_on(
     pb.set_position(start_step as u64);
     let say = |line: String| log_on(comm, &pb, line);
     say(format!(
-        "midtraining {model_config:?} on {} conversations ({} tokens): {num_iterations} steps of {} tokens \
-         ({rank_accum_steps} micro-batches of {rows}x{seq_len} on each of {world} processes)",
+        "midtraining {model_config:?} on a mixture of {} conversations ({} tokens of it rendered): {num_iterations} \
+         steps of {} tokens ({rank_accum_steps} micro-batches of {rows}x{seq_len} on each of {world} processes)",
         train_task.len(),
         stream.len(),
         args.total_batch_size
@@ -428,4 +452,22 @@ pub fn train_on(
     let trained = (num_iterations - start_step) as f64;
     let tokens_per_sec = if run_time > 0.0 { trained * args.total_batch_size as f64 / run_time } else { 0.0 };
     Ok(TrainReport { start_step, losses, num_iterations, val_bpb: loop_state.val_bpb, tokens_per_sec })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::identity::Identity;
+
+    #[test]
+    fn a_limited_stream_is_the_whole_streams_prefix() {
+        let task = Identity::new(9000, 3); // more than two rendering chunks
+        let text: Vec<String> = (0..50).map(|i| format!("{:?}", task.get(i).unwrap().conversation)).collect();
+        let tokenizer = bpe::Tokenizer::train(text.iter(), 300, bpe::DEFAULT_PATTERN).unwrap();
+        let whole = token_stream(&tokenizer, &task, 64, None).unwrap();
+        for limit in [1, 1000, whole.len() / 2, whole.len(), whole.len() + 5] {
+            let part = token_stream(&tokenizer, &task, 64, Some(limit)).unwrap();
+            assert_eq!(part[..], whole[..limit.min(whole.len())]);
+        }
+    }
 }

@@ -416,15 +416,15 @@ pub fn save_checkpoint_on(
     Ok(())
 }
 
-/// The first `limit` examples of `task` (all if it has fewer) rendered to `(ids, mask)`, each cut
-/// to `max_tokens`; in parallel, in order.
+/// The examples `range` of `task` (cut at its end) rendered to `(ids, mask)`, each cut to
+/// `max_tokens`; in parallel, in order.
 pub fn render_task(
     tokenizer: &bpe::Tokenizer,
     task: &dyn Task,
-    limit: usize,
+    range: std::ops::Range<usize>,
     max_tokens: usize,
 ) -> Result<Vec<(Vec<u32>, Vec<u8>)>> {
-    (0..task.len().min(limit))
+    (range.start.min(task.len())..range.end.min(task.len()))
         .into_par_iter()
         .map(|i| {
             let example = task.get(i)?;

@@ -290,9 +290,9 @@ pub fn train_on(
     }
     // Rendering cuts conversations to the context; a row of n tokens gives n - 1 inputs.
     let max_tokens = model_config.sequence_len + 1;
-    let conversations = render_task(tokenizer, train_task, usize::MAX, max_tokens)?;
+    let conversations = render_task(tokenizer, train_task, 0..usize::MAX, max_tokens)?;
     let val_steps = args.eval_steps.max(1);
-    let val_conversations = render_task(tokenizer, val_task, val_steps * rows, max_tokens)?;
+    let val_conversations = render_task(tokenizer, val_task, 0..val_steps * rows, max_tokens)?;
     if val_conversations.is_empty() {
         bail!("{} has no conversations to validate on", val_task.name());
     }
