@@ -10,8 +10,9 @@
 //!
 //! Data: without a mirror every stage uses the original's online sources (`data/sources.rs`); the
 //! files the stages to run need are downloaded into `$NANOCHAT_BASE_DIR` before the first stage
-//! starts, so that a network problem shows at once rather than hours in, and `--dry-run` lists
-//! them with their sizes. With a mirror (`--data-dir`) nothing is downloaded.
+//! starts (the pretraining shards by the data stage, several at a time), so that a network problem
+//! shows at once rather than hours in, and `--dry-run` lists them with their sizes. With a mirror
+//! (`--data-dir`) nothing is downloaded.
 //!
 //! Resuming: a stage that starts writes `$NANOCHAT_BASE_DIR/speedrun/<stage>.json` with its command
 //! line and start time, and marks it finished when it ends. A rerun skips a finished stage whose
@@ -29,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::common::{base_dir, write_atomic};
-use crate::data::sources::{self, Endpoints, RemoteFile, Retry, Size};
+use crate::data::sources::{self, Check, Endpoints, RemoteFile, Retry, Size};
 
 /// The built-in presets, smallest first: (name, JSON).
 const BUILTIN: [(&str, &str); 5] = [
@@ -238,7 +239,7 @@ fn print_downloads(pending: &[(&str, &RemoteFile)], base: &Path) {
     println!("downloads into {} (on first use):", base.display());
     for ((stage, file), size) in pending.iter().zip(&sizes) {
         let dest = file.dest.strip_prefix(base).unwrap_or(&file.dest);
-        println!("  {stage:<14} {:>10}  {}  from {}", size.to_string(), dest.display(), file.url);
+        println!("  {stage:<14} {:>12}  {}  from {}", size.to_string(), dest.display(), file.url);
     }
     let known: u64 = sizes.iter().map(|s| if let Size::Exact(n) | Size::About(n) = s { *n } else { 0 }).sum();
     let approximate = sizes.iter().filter(|s| matches!(s, Size::About(_))).count();
@@ -392,7 +393,12 @@ pub fn run(args: SpeedrunArgs, parse: ParseCommand) -> Result<()> {
         print_downloads(&pending_downloads(&stages, &actions), &base);
         return Ok(());
     }
-    let pending: Vec<RemoteFile> = pending_downloads(&stages, &actions).into_iter().map(|(_, f)| f.clone()).collect();
+    // the shards are left to the data stage, which fetches several at a time
+    let pending: Vec<RemoteFile> = pending_downloads(&stages, &actions)
+        .into_iter()
+        .filter(|(_, f)| f.check != Check::Shard)
+        .map(|(_, f)| f.clone())
+        .collect();
     if !pending.is_empty() {
         eprintln!(
             "speedrun {}: downloading the {} files the stages need into {}",

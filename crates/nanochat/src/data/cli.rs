@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 
-use super::dataset::{build, data_dir as data_dir_default, split_shards, BuildOptions, Split};
+use super::dataset::{self, build, split_shards, BuildOptions, Split};
 use super::download::{download, link_from, DownloadOptions};
 use super::loader::{Loader, LoaderConfig, Packing};
 use super::sources::{Endpoints, RemoteFile, PRETRAIN_NUM_SHARDS};
@@ -85,7 +85,7 @@ impl DataCommand {
     pub fn downloads(&self) -> Vec<RemoteFile> {
         match self {
             DataCommand::Download { num_shards, base_url, from: None, data_dir: None, dir, .. } => {
-                let dir = dir.clone().unwrap_or_else(data_dir_default);
+                let dir = dir.clone().unwrap_or_else(dataset::data_dir);
                 (0..num_shards.unwrap_or(PRETRAIN_NUM_SHARDS)).map(|i| RemoteFile::shard(base_url, &dir, i)).collect()
             }
             _ => Vec::new(),
@@ -96,7 +96,7 @@ impl DataCommand {
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Download { num_shards, base_url, from, data_dir, workers, attempts, dir } => {
-            let dir = dir.unwrap_or_else(data_dir_default);
+            let dir = dir.unwrap_or_else(dataset::data_dir);
             let local = match (from, data_dir) {
                 (Some(from), _) => Some(from),
                 (None, Some(mirror)) => Some(mirror_shards(&mirror)?),
@@ -121,7 +121,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             println!("{fetched} shards downloaded, {} already present, in {}", n - fetched, dir.display());
         }
         DataCommand::Build { from, out, shard_chars, val_every, max_doc_chars } => {
-            let out = out.unwrap_or_else(data_dir_default);
+            let out = out.unwrap_or_else(dataset::data_dir);
             let opts = BuildOptions { out: out.clone(), shard_chars, val_every, max_doc_chars };
             let s = build(&from, &opts)?;
             println!(
