@@ -19,7 +19,7 @@ fn trained_state() -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
     let dev = Device::Cpu;
     let cfg = config();
     let (model, varmap) = GPT::init(&cfg, 3, &dev).unwrap();
-    let mut opt = setup_optimizers(&cfg, &varmap, &OptimConfig::default()).unwrap();
+    let mut opt = setup_optimizers(&model, &varmap, &OptimConfig::default()).unwrap();
     let vars: Vec<_> = opt.vars().cloned().collect();
     for step in 0..2u32 {
         let ids: Vec<u32> = (0..32).map(|i| (i * 7 + step * 3) % 64).collect();
@@ -82,8 +82,8 @@ fn round_trip_is_bit_identical_and_optimizer_resumes() {
     assert_eq!(ckpt.meta.files.len(), 2);
 
     // The restored model and optimizers hold exactly the saved state.
-    let (_, varmap) = checkpoint::model_from_checkpoint(&ckpt, &Device::Cpu).unwrap();
-    let mut opt = setup_optimizers(&config(), &varmap, &OptimConfig::default()).unwrap();
+    let (restored, varmap) = checkpoint::model_from_checkpoint(&ckpt, &Device::Cpu).unwrap();
+    let mut opt = setup_optimizers(&restored, &varmap, &OptimConfig::default()).unwrap();
     opt.load_state_dict(&ckpt.optim).unwrap();
     assert_same(&optim, &opt.state_dict().unwrap());
     assert_same(&model, &checkpoint::varmap_tensors(&varmap).unwrap());

@@ -29,7 +29,7 @@ fn configs() -> Vec<GPTConfig> {
 fn random_gpt(config: &GPTConfig, seed: u64) -> Result<GPT> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tensors = HashMap::new();
-    for (name, (rows, cols)) in config.param_shapes() {
+    for (name, (rows, cols)) in config.params().into_iter().map(|s| (s.name, (s.shape[0], s.shape[1]))) {
         let std = if name == "transformer.wte.weight" { 1.0 } else { 1.0 / (cols as f32).sqrt() };
         let normal = Normal::new(0.0f32, std)?;
         let values: Vec<f32> = (0..rows * cols).map(|_| normal.sample(&mut rng)).collect();

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
-use nanochat::model::decode::quality;
+use nanochat::bench::quality;
 use nanochat::model::decode::{bf16_from_f32, bf16_to_f32, DecodeModel, Matrix, WeightFormat};
 use nanochat::model::{GPTConfig, GPT};
 use rand::rngs::StdRng;
@@ -21,7 +21,7 @@ use rand_distr::{Distribution, Normal};
 fn random_gpt(config: &GPTConfig, seed: u64) -> Result<GPT> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut tensors = HashMap::new();
-    for (name, (rows, cols)) in config.param_shapes() {
+    for (name, (rows, cols)) in config.params().into_iter().map(|s| (s.name, (s.shape[0], s.shape[1]))) {
         let std = if name == "transformer.wte.weight" { 1.0 } else { 1.0 / (cols as f32).sqrt() };
         let normal = Normal::new(0.0f32, std)?;
         let values: Vec<f32> = (0..rows * cols).map(|_| normal.sample(&mut rng)).collect();
@@ -225,7 +225,7 @@ fn weight_bytes_per_step_halve_and_quarter() -> Result<()> {
     // exact: every matrix weight once in its width, int8 scales (one f32 per output row), and one
     // f32 embedding row
     let (c, kvd) = (config.n_embd, config.n_kv_head * config.head_dim());
-    let matrices = config.param_shapes().iter().skip(1).map(|(_, (r, k))| r * k).sum::<usize>();
+    let matrices = config.params().iter().skip(1).map(|s| s.numel()).sum::<usize>();
     let rows = config.n_layer * ((c + 2 * kvd) + c + 4 * c + c) + config.vocab_size;
     assert_eq!(f32_bytes, 4 * matrices + 4 * c);
     assert_eq!(bf16_bytes, 2 * matrices + 4 * c);

@@ -2,7 +2,7 @@
 //! random shapes, odd sizes and ignored targets included.
 
 use candle_core::{DType, Device, Module, Tensor, Var};
-use nanochat::model::fused::softcap_cross_entropy;
+use nanochat::model::fused::{softcap_cross_entropy, Gemm, LogitsPool};
 use nanochat::model::ops::{cross_entropy_per_token, softcap};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -102,7 +102,7 @@ fn linear_matches_candle_linear() {
         let up = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
         let (x1, w1) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
         let (x2, w2) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
-        let fused = nanochat::model::fused::linear(x1.as_tensor(), w1.as_tensor()).unwrap();
+        let fused = nanochat::model::fused::linear(x1.as_tensor(), w1.as_tensor(), Gemm::F32).unwrap();
         let reference = candle_nn::Linear::new(w2.as_tensor().clone(), None).forward(x2.as_tensor()).unwrap();
         check(&format!("linear {n}x{c}->{out} values"), &fused, &reference, 1e-5);
         let (g1, g2) = (grads_of(&fused, &up, &[&x1, &w1]), grads_of(&reference, &up, &[&x2, &w2]));
@@ -111,7 +111,7 @@ fn linear_matches_candle_linear() {
     }
     // a weight that does not fit the input is an error, not a panic
     let x = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
-    assert!(nanochat::model::fused::linear(&x, &Tensor::zeros((3, 5), DType::F32, &dev).unwrap()).is_err());
+    assert!(nanochat::model::fused::linear(&x, &Tensor::zeros((3, 5), DType::F32, &dev).unwrap(), Gemm::F32).is_err());
 }
 
 /// The model's composition: rotate the halves of (B, T, H, D) by (T, 1, D/2) tables, then RMSNorm.
@@ -201,8 +201,16 @@ fn lm_head_cross_entropy_matches_the_composition() {
         let w = Tensor::rand(0f32, 1.0, n, &dev).unwrap();
         let (x1, w1) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
         let (x2, w2) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
-        let fused =
-            nanochat::model::fused::lm_head_cross_entropy(x1.as_tensor(), w1.as_tensor(), &targets, 15.0).unwrap();
+        let pool = LogitsPool::default();
+        let fused = nanochat::model::fused::lm_head_cross_entropy(
+            x1.as_tensor(),
+            w1.as_tensor(),
+            &targets,
+            15.0,
+            Gemm::F32,
+            &pool,
+        )
+        .unwrap();
         let logits = x2.as_tensor().matmul(&w2.as_tensor().t().unwrap()).unwrap();
         let (reference, _) = cross_entropy_per_token(&softcap(&logits, 15.0).unwrap(), &targets).unwrap();
         check(&format!("lm_head CE {:?} losses", (n, c, v)), &fused, &reference, 1e-5);
@@ -215,9 +223,10 @@ fn lm_head_cross_entropy_matches_the_composition() {
     let xr = Tensor::randn(0f32, 1.0, (3, 8), &dev).unwrap();
     let wr = Tensor::randn(0f32, 1.0, (5, 8), &dev).unwrap();
     let t = Tensor::new(&[0i64, 4, 2], &dev).unwrap();
-    let a = nanochat::model::fused::lm_head_cross_entropy(&xr, &wr, &t, 15.0).unwrap();
-    let b = nanochat::model::fused::lm_head_cross_entropy(&xr, &wr, &t, 15.0).unwrap();
+    let pool = LogitsPool::default();
+    let a = nanochat::model::fused::lm_head_cross_entropy(&xr, &wr, &t, 15.0, Gemm::F32, &pool).unwrap();
+    let b = nanochat::model::fused::lm_head_cross_entropy(&xr, &wr, &t, 15.0, Gemm::F32, &pool).unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
     let bad = Tensor::new(&[0i64, 5, 2], &dev).unwrap();
-    assert!(nanochat::model::fused::lm_head_cross_entropy(&xr, &wr, &bad, 15.0).is_err());
+    assert!(nanochat::model::fused::lm_head_cross_entropy(&xr, &wr, &bad, 15.0, Gemm::F32, &pool).is_err());
 }

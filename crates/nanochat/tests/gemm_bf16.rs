@@ -4,7 +4,8 @@
 //! and bf16 iterations. Every test returns early, saying so, on a CPU without AVX-512 BF16.
 
 use candle_core::{Device, Tensor, Var};
-use nanochat::model::fused::{self, gemm_bf16, round_bf16, Mat};
+use nanochat::model::fused::{self, gemm_bf16, round_bf16, Gemm, LogitsPool, Mat};
+use nanochat::model::Kernels;
 
 fn skip(test: &str) -> bool {
     let skip = !fused::bf16_supported();
@@ -133,20 +134,12 @@ fn bf16_gemm_rejects_operands_too_small() {
     assert!(gemm_bf16(2, 2, 3, &mut dst, 1, view(&a, 2, 3, false), view(&b, 3, 2, false), 1.0, false).is_err());
 }
 
-/// The bf16 switch is one per process: tests that flip it take turns.
-static SWITCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// `f` with the bf16 switch off, then on: its results under each (the switch is left off).
-fn f32_then_bf16<T>(f: impl Fn() -> T) -> (T, T) {
-    let _turn = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
-    let run = |bf16: bool| {
-        fused::set_bf16_matmul(bf16);
-        assert_eq!(fused::bf16_matmul_active(), bf16);
-        let out = f();
-        fused::set_bf16_matmul(false);
-        out
-    };
-    (run(false), run(true))
+/// `f` with the default kernels, then with bf16 ones: its results under each. The kernels are
+/// values, so tests running at the same time never see each other's.
+fn f32_then_bf16<T>(f: impl Fn(Kernels) -> T) -> (T, T) {
+    let bf16 = Kernels { bf16: true, ..Kernels::default() };
+    assert_eq!((Kernels::default().gemm(), bf16.gemm()), (Gemm::F32, Gemm::Bf16));
+    (f(Kernels::default()), f(bf16))
 }
 
 /// Each bf16 result within `tol` (relative to the largest f32 magnitude) of its f32 result, and
@@ -171,9 +164,9 @@ fn linear_with_bf16_gemms_matches_the_f32_path() {
     let xr = Tensor::randn(0f32, 1.0, (n, c), &dev).unwrap();
     let wr = Tensor::randn(0f32, 0.1, (out, c), &dev).unwrap();
     let up = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
-    let ((y32, dx32, dw32), (y16, dx16, dw16)) = f32_then_bf16(|| {
+    let ((y32, dx32, dw32), (y16, dx16, dw16)) = f32_then_bf16(|kernels| {
         let (x, w) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
-        let y = fused::linear(x.as_tensor(), w.as_tensor()).unwrap();
+        let y = fused::linear(x.as_tensor(), w.as_tensor(), kernels.gemm()).unwrap();
         let grads = y.mul(&up).unwrap().sum_all().unwrap().backward().unwrap();
         (y.clone(), grads.get(x.as_tensor()).unwrap().clone(), grads.get(w.as_tensor()).unwrap().clone())
     });
@@ -193,9 +186,10 @@ fn lm_head_with_bf16_gemms_matches_the_f32_path() {
     let targets = Tensor::new(targets.as_slice(), &dev).unwrap();
     // random weights on the per-token losses: a non-uniform upstream gradient
     let weights = Tensor::rand(0f32, 1.0, n, &dev).unwrap();
-    let ((l32, dx32, dw32), (l16, dx16, dw16)) = f32_then_bf16(|| {
+    let ((l32, dx32, dw32), (l16, dx16, dw16)) = f32_then_bf16(|kernels| {
         let (x, w) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
-        let losses = fused::lm_head_cross_entropy(x.as_tensor(), w.as_tensor(), &targets, 15.0).unwrap();
+        let (gemm, pool) = (kernels.gemm(), LogitsPool::default());
+        let losses = fused::lm_head_cross_entropy(x.as_tensor(), w.as_tensor(), &targets, 15.0, gemm, &pool).unwrap();
         let grads = losses.mul(&weights).unwrap().sum_all().unwrap().backward().unwrap();
         (losses, grads.get(x.as_tensor()).unwrap().clone(), grads.get(w.as_tensor()).unwrap().clone())
     });
@@ -216,7 +210,8 @@ fn muon_with_bf16_gemms_stays_within_v0s_bf16_gap() {
     for k in [1, 2] {
         let gn = get(&format!("gn{k}"));
         let (fp32, bf16) = (get(&format!("fp32.update{k}")), get(&format!("bf16.update{k}")));
-        let (ours32, ours16) = f32_then_bf16(|| nanochat::optim::muon::zeropower_via_newtonschulz5(&gn, 5).unwrap());
+        let (ours32, ours16) =
+            f32_then_bf16(|kernels| nanochat::optim::muon::zeropower_via_newtonschulz5(&gn, 5, kernels).unwrap());
         let v0_gap = max(&(&bf16 - &fp32).unwrap());
         let (to_fp32, to_bf16) = (max(&(&ours16 - &fp32).unwrap()), max(&(&ours16 - &bf16).unwrap()));
         println!("update{k}: v0 bf16 vs fp32 {v0_gap:.2e}; ours with bf16 GEMMs vs v0 fp32 {to_fp32:.2e}, vs v0 bf16 {to_bf16:.2e}; scale {:.2e}", max(&fp32));

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
-use nanochat::model::{gpt::init_std, named_vars, GPTConfig, KvCache, Reduction, GPT};
+use nanochat::model::{named_vars, GPTConfig, Init, KvCache, Reduction, GPT};
 
 fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/model")
@@ -185,13 +185,12 @@ fn kv_cache_generation_matches_v0_engine() -> Result<()> {
 fn fresh_init_follows_v0_init() -> Result<()> {
     let cfg = config();
     let (model, varmap) = GPT::init(&cfg, 42, &Device::Cpu)?;
-    for (name, var) in named_vars(&cfg, &varmap)? {
-        let (rows, cols) = var.dims2()?;
+    for ((name, var), spec) in named_vars(&cfg, &varmap)?.into_iter().zip(cfg.params()) {
         let values = flat(var.as_tensor())?;
         let n = values.len() as f64;
         let mean = values.iter().map(|&x| x as f64).sum::<f64>() / n;
         let std = (values.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
-        let want = init_std(&name, rows, cols);
+        let want = spec.init.std();
         println!("init {name:<36} std {std:.5} (formula {want:.5}) mean {mean:+.5}");
         if want == 0.0 {
             ensure!(values.iter().all(|&x| x == 0.0), "{name} must start at zero");
@@ -202,7 +201,12 @@ fn fresh_init_follows_v0_init() -> Result<()> {
         }
     }
     // c_k of this GQA config is [32, 64]: the min(1, sqrt(fan_out/fan_in)) factor applies.
-    ensure!((init_std("transformer.h.0.attn.c_k.weight", 32, 64) - 0.125 / 2f64.sqrt()).abs() < 1e-12);
+    let c_k = cfg.find_param("transformer.h.0.attn.c_k.weight").context("no c_k")?;
+    ensure!(c_k.shape == [32, 64] && (c_k.init.std() - 0.125 / 2f64.sqrt()).abs() < 1e-12);
+    // v0 starts lm_head and every c_proj at zero, the embedding at N(0, 1)
+    ensure!(cfg.find_param("lm_head.weight").context("no lm_head")?.init == Init::Zeros);
+    ensure!(cfg.find_param("transformer.h.1.mlp.c_proj.weight").context("no c_proj")?.init == Init::Zeros);
+    ensure!(cfg.find_param("transformer.wte.weight").context("no wte")?.init == Init::Normal { std: 1.0 });
 
     // All logits start at 0: the loss is ln V and only lm_head gets a gradient.
     let batch = load("batch.safetensors")?;
@@ -246,7 +250,7 @@ fn config_counts_match_v0_d20() -> Result<()> {
             .iter()
             .filter_map(|v| v.as_str().map(str::to_string))
             .collect();
-    let ours: Vec<String> = config().param_shapes().into_iter().map(|(n, _)| n).collect();
+    let ours: Vec<String> = config().params().into_iter().map(|s| s.name).collect();
     assert_eq!(ours, fixture_names);
     let json = serde_json::to_string(&cfg)?;
     assert_eq!(serde_json::from_str::<GPTConfig>(&json)?, cfg);

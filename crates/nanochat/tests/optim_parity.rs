@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{ensure, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use nanochat::model::{GPTConfig, GPT};
+use nanochat::model::{GPTConfig, Kernels, GPT};
 use nanochat::optim::muon::{momentum_update, zeropower_via_newtonschulz5};
 use nanochat::optim::{
     clip_grad_norm, muon_momentum, setup_optimizers, AdamW, LrSchedule, Muon, OptimConfig, ParamGroup,
@@ -56,7 +56,7 @@ fn muon_fp32_matches_v0() -> Result<()> {
         let (new_buf, gn) = momentum_update(&buf, g, 0.95, true)?;
         check(&format!("buf{k}"), &new_buf, get(&f, &format!("buf{k}"))?, 1e-8)?;
         check(&format!("gn{k}"), &gn, get(&f, &format!("gn{k}"))?, 1e-8)?;
-        let update = zeropower_via_newtonschulz5(get(&f, &format!("gn{k}"))?, 5)?;
+        let update = zeropower_via_newtonschulz5(get(&f, &format!("gn{k}"))?, 5, Kernels::default())?;
         check(&format!("fp32.update{k}"), &update, get(&f, &format!("fp32.update{k}"))?, 2e-6)?;
         buf = new_buf;
         // The optimizer end to end.
@@ -76,7 +76,12 @@ fn muon_tall_matrices_are_transposed_and_scaled() -> Result<()> {
     let (p0, g1) = (get(&f, "p0")?.t()?.contiguous()?, get(&f, "g1")?.t()?.contiguous()?);
     // NS5 of the transpose is the transpose of NS5.
     let update = get(&f, "fp32.update1")?.t()?;
-    check("NS5(gn1^T) vs update1^T", &zeropower_via_newtonschulz5(&get(&f, "gn1")?.t()?, 5)?, &update, 2e-6)?;
+    check(
+        "NS5(gn1^T) vs update1^T",
+        &zeropower_via_newtonschulz5(&get(&f, "gn1")?.t()?, 5, Kernels::default())?,
+        &update,
+        2e-6,
+    )?;
     // A [256, 64] matrix steps max(1, 256/64)^0.5 = 2 times further.
     let var = Var::from_tensor(&p0)?;
     let mut muon = Muon::new(ParamGroup::new(vec![("w".to_string(), var.clone())], 0.02));
@@ -187,14 +192,14 @@ fn clip_grad_norm_scales_only_above_the_limit() -> Result<()> {
 fn setup_optimizers_splits_like_v0_and_trains() -> Result<()> {
     let cfg = GPTConfig { sequence_len: 64, vocab_size: 1024, n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 64 };
     let (model, varmap) = GPT::init(&cfg, 0, &Device::Cpu)?;
-    let mut opt = setup_optimizers(&cfg, &varmap, &OptimConfig::default())?;
+    let mut opt = setup_optimizers(&model, &varmap, &OptimConfig::default())?;
     let lrs: Vec<(Vec<String>, f64)> =
         opt.adamw.groups.iter().map(|g| (g.params.iter().map(|(n, _)| n.clone()).collect(), g.lr)).collect();
     ensure!(lrs[0].0 == ["lm_head.weight"] && (lrs[0].1 - 0.013856406460551019).abs() < 1e-15);
     ensure!(lrs[1].0 == ["transformer.wte.weight"] && (lrs[1].1 - 0.692820323027551).abs() < 1e-12);
     ensure!(opt.muon.group.params.len() == 6 * cfg.n_layer && opt.muon.group.lr == 0.02);
     ensure!(opt.muon.group.params.iter().all(|(n, _)| n.starts_with("transformer.h.")));
-    ensure!(opt.vars().count() == cfg.param_shapes().len());
+    ensure!(opt.vars().count() == cfg.params().len());
 
     // A few steps on one batch: the loss goes down from ln V, and the schedule is applied.
     let batch = load("model/batch.safetensors")?;
@@ -231,14 +236,13 @@ fn adamw_in_place_update_equals_the_composition_bit_for_bit() -> Result<()> {
         })
         .collect::<candle_core::Result<_>>()?;
     let run = |fused: bool| -> Result<(Vec<f32>, HashMap<String, Tensor>)> {
-        nanochat::model::fused::set_enabled(fused);
         let var = Var::from_tensor(&p0.copy()?)?;
         let mut adamw =
             AdamW::new(vec![ParamGroup::new(vec![("w".to_string(), var.clone())], 0.03)], (0.8, 0.95), 1e-10, 0.1);
+        adamw.kernels = Kernels { fused, ..Kernels::default() };
         for g in &grads {
             adamw.step(&grads_for(&var, g))?;
         }
-        nanochat::model::fused::set_enabled(true);
         Ok((flat(var.as_tensor())?, adamw.state_dict()?))
     };
     let (fused, fused_state) = run(true)?;

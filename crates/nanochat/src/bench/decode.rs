@@ -25,11 +25,12 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde_json::json;
 
+use super::quality;
 use crate::checkpoint;
 use crate::data::dataset::Split;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::ShardArgs;
-use crate::model::decode::{quality, DecodeModel, WeightFormat};
+use crate::model::decode::{DecodeModel, WeightFormat};
 use crate::model::{KvCache, GPT};
 
 #[derive(Args, Debug)]

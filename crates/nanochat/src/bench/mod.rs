@@ -1,9 +1,11 @@
-//! `nanochat bench`: throughput measurements of the model on this machine, printed as a table and
-//! as one JSON line, so that `docs/BENCHMARKS.md` can be regenerated and compared side by side with
-//! the PyTorch reference (`bench/torch_reference.py`).
+//! `nanochat bench`: throughput measurements of the model on this machine (`train`, `decode`,
+//! `gemm`), and what the native decode path's reduced-precision weights cost in loss (`quality`),
+//! printed as a table and as one JSON line, so that `docs/BENCHMARKS.md` can be regenerated and
+//! compared side by side with the PyTorch reference (`bench/torch_reference.py`).
 
 pub mod decode;
 pub mod gemm;
+pub mod quality;
 pub mod train;
 
 use anyhow::Result;

@@ -11,7 +11,8 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 
 use super::median;
-use crate::model::{fused, GPT};
+use crate::model::fused::Gemm;
+use crate::model::{Kernels, GPT};
 use crate::optim::{clip_grad_norm, muon_momentum, setup_optimizers, OptimConfig};
 
 #[derive(Args, Debug)]
@@ -58,10 +59,8 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    fused::set_enabled(!args.unfused);
-    fused::set_bf16_matmul(args.bf16);
-    // the kernels that read the switch are only used with the fused kernels on
-    let bf16_active = fused::bf16_matmul_active() && !args.unfused;
+    let kernels = Kernels { fused: !args.unfused, bf16: args.bf16 };
+    let bf16_active = kernels.gemm() == Gemm::Bf16;
     if args.bf16 && !bf16_active {
         eprintln!(
             "bench train: --bf16 asked for, but {}: the GEMMs stay f32",
@@ -71,7 +70,8 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
     let device = Device::Cpu;
     let config = args.shape.config();
     let (model, varmap) = GPT::init(&config, args.seed, &device)?;
-    let mut optimizers = setup_optimizers(&config, &varmap, &OptimConfig::default())?;
+    let model = model.with_kernels(kernels);
+    let mut optimizers = setup_optimizers(&model, &varmap, &OptimConfig::default())?;
     let vars: Vec<_> = optimizers.vars().cloned().collect();
     let (b, t) = (args.batch, args.shape.seq_len);
     let tokens_per_step = b * t;

@@ -326,26 +326,27 @@ fn read_tensors(path: &Path, meta: &Meta, device: &Device) -> Result<HashMap<Str
         .with_context(|| format!("{} is not a valid safetensors file (corrupt checkpoint)", path.display()))
 }
 
-/// Every parameter of `config` must be present with its shape and f32; nothing else may be.
+/// Every parameter of `config`'s table must be present with its shape and f32; nothing else may be.
 fn check_model_tensors(tensors: &HashMap<String, Tensor>, config: &GPTConfig, path: &Path) -> Result<()> {
-    let shapes = config.param_shapes();
-    for (name, (rows, cols)) in &shapes {
+    let params = config.params();
+    for spec in &params {
+        let (name, shape) = (&spec.name, &spec.shape);
         let Some(t) = tensors.get(name) else {
             bail!(
                 "{} has no tensor {name}: it does not match the model config in its meta ({config:?})",
                 path.display()
             );
         };
-        if t.dims() != [*rows, *cols] || t.dtype() != DType::F32 {
+        if t.dims() != shape.as_slice() || t.dtype() != DType::F32 {
             bail!(
-                "{}: tensor {name} is {:?} {:?}, but the model config needs F32 [{rows}, {cols}]",
+                "{}: tensor {name} is {:?} {:?}, but the model config needs F32 {shape:?}",
                 path.display(),
                 t.dtype(),
                 t.dims()
             );
         }
     }
-    if let Some(extra) = tensors.keys().find(|k| !shapes.iter().any(|(n, _)| n == *k)) {
+    if let Some(extra) = tensors.keys().find(|k| !params.iter().any(|s| &s.name == *k)) {
         bail!("{} has an unexpected tensor {extra}: not a checkpoint of this model", path.display());
     }
     Ok(())

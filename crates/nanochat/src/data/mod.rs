@@ -1,7 +1,7 @@
 //! Pretraining data: parquet shards on disk (`dataset`), fetching them and every other online
 //! source over HTTP (`download`, with the sources themselves in `sources`), the tokenizing,
 //! data-parallel, resumable loader that turns them into batches (`loader`, with the packing in
-//! `packing`), and the `nanochat data` subcommands (`cli`).
+//! `packing` and the types both use in `types`), and the `nanochat data` subcommands (`cli`).
 //!
 //! `--data-dir DIR` (or `NANOCHAT_DATA_MIRROR`) means the same in every command: an offline data
 //! mirror laid out like `../shared/data` (`pretrain/gutenberg/` shards, `eval/`, `sft/`, `words/`).
@@ -14,6 +14,7 @@ pub mod download;
 pub mod loader;
 mod packing;
 pub mod sources;
+mod types;
 
 use std::path::{Path, PathBuf};
 

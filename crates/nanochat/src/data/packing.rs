@@ -1,6 +1,6 @@
 //! Packing tokenized documents into batches, for the loader (`loader.rs`): the plain stream
 //! (concatenate and cut) and BOS-aligned best-fit; and the state that names what was read but
-//! not yet used, so that a resumed loader continues exactly.
+//! not yet used (a `LoaderState`, see `types.rs`), so that a resumed loader continues exactly.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -8,16 +8,7 @@ use std::sync::mpsc::{Receiver, SyncSender};
 use anyhow::{anyhow, bail, Result};
 
 use super::dataset::Shard;
-use super::loader::{Batch, DocRef, Encoder, LoaderConfig, LoaderState, Packing, PendingDocs};
-
-/// Tokenized documents of one row group, starting at document `first_doc`.
-pub(super) struct RowGroupTokens {
-    pub(super) epoch: u64,
-    pub(super) shard: usize,
-    pub(super) row_group: usize,
-    pub(super) first_doc: usize,
-    pub(super) docs: std::vec::IntoIter<Vec<u32>>,
-}
+use super::types::{Batch, DocRef, Encoder, LoaderConfig, LoaderState, Packing, PendingDocs, RowGroupTokens};
 
 /// A tokenized document and where it came from.
 struct Doc {

@@ -15,11 +15,12 @@
 //!
 //! Since the step is bound by the bytes it streams, the matrices can also be kept in bf16 (half
 //! the bytes) or int8 with a scale per output row (a quarter), see [`WeightFormat`]; activations,
-//! the embedding table, the KV cache and all arithmetic stay f32. [`quality`] measures what the
-//! rounding costs in loss.
+//! the embedding table, the KV cache and all arithmetic stay f32. `nanochat bench decode
+//! --quality` (`bench/quality.rs`) measures what the rounding costs in loss.
+//!
+//! The weights are taken from the GPT by [`Param`], the parameter table's names for them.
 
 mod kernels;
-pub mod quality;
 
 use std::fmt;
 
@@ -29,6 +30,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::gpt::{GPTConfig, GPT};
+use super::params::{BlockParam, Param};
 
 /// Logits are squashed into (-SOFTCAP, SOFTCAP), as in `gpt.rs`.
 const SOFTCAP: f32 = 15.0;
@@ -278,33 +280,31 @@ impl DecodeModel {
     /// everything else stay f32).
     pub fn from_gpt_with(gpt: &GPT, format: WeightFormat) -> Result<Self> {
         let config = gpt.config().clone();
-        let named = gpt.named_weights();
-        let shapes = config.param_shapes();
-        ensure!(named.len() == shapes.len(), "the GPT has {} weights, its config {}", named.len(), shapes.len());
-        let mut weights = Vec::with_capacity(named.len());
-        for ((name, tensor), (want_name, (rows, cols))) in named.iter().zip(&shapes) {
-            ensure!(name == want_name, "weight {name} where {want_name} was expected");
-            ensure!(tensor.dims() == [*rows, *cols], "{name} is {:?}, expected [{rows}, {cols}]", tensor.dims());
-            weights.push(host_vec(tensor).with_context(|| format!("copying {name}"))?);
-        }
-        let mut weights = weights.into_iter();
-        let mut next = || weights.next().context("fewer weights than the config lists");
-        let wte = next()?;
+        // A parameter's values on the host, checked against the table's shape.
+        let weight = |param: Param| -> Result<Vec<f32>> {
+            let spec = config.spec(param);
+            let tensor = gpt.weight(param).with_context(|| format!("the GPT has no {}", spec.name))?;
+            ensure!(tensor.dims() == spec.shape, "{} is {:?}, expected {:?}", spec.name, tensor.dims(), spec.shape);
+            host_vec(tensor).with_context(|| format!("copying {}", spec.name))
+        };
         let c = config.n_embd;
         let kvd = config.n_kv_head * config.head_dim();
-        let matrix = |w: Vec<f32>, rows: usize, cols: usize| Matrix::new(w, rows, cols, format);
+        let matrix = |param: Param, rows: usize, cols: usize| Matrix::new(weight(param)?, rows, cols, format);
         let mut layers = Vec::with_capacity(config.n_layer);
-        for _ in 0..config.n_layer {
-            let (q, k, v) = (next()?, next()?, next()?);
-            let qkv = matrix([q, k, v].concat(), c + 2 * kvd, c)?;
+        for l in 0..config.n_layer {
+            let block = |p: BlockParam| Param::Block(l, p);
+            let (q, k, v) =
+                (weight(block(BlockParam::Q))?, weight(block(BlockParam::K))?, weight(block(BlockParam::V))?);
+            let qkv = Matrix::new([q, k, v].concat(), c + 2 * kvd, c, format)?;
             layers.push(Layer {
                 qkv,
-                attn_proj: matrix(next()?, c, c)?,
-                fc: matrix(next()?, 4 * c, c)?,
-                mlp_proj: matrix(next()?, c, 4 * c)?,
+                attn_proj: matrix(block(BlockParam::AttnProj), c, c)?,
+                fc: matrix(block(BlockParam::Fc), 4 * c, c)?,
+                mlp_proj: matrix(block(BlockParam::MlpProj), c, 4 * c)?,
             });
         }
-        let lm_head = matrix(next()?, config.vocab_size, c)?;
+        let wte = weight(Param::Wte)?;
+        let lm_head = matrix(Param::LmHead, config.vocab_size, c)?;
         let (cos, sin) = gpt.rotary();
         let rotary_len = cos.dim(0)?;
         let (cos, sin) = (host_vec(cos)?, host_vec(sin)?);

@@ -9,16 +9,19 @@
 //! - ReLU² MLP of width 4 * n_embd
 //! - group-query attention (n_kv_head divides n_head)
 //! - logits softcapped at 15 with tanh
+//!
+//! The parameters are those of the table in `params.rs`, by [`Param`]; the model holds the
+//! [`Kernels`] it runs (fused CPU kernels or the plain composition, f32 or bf16 training GEMMs).
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var, D};
 use candle_nn::{Embedding, Linear, VarBuilder, VarMap};
 use rand::SeedableRng;
-use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
-use super::fused;
+use super::fused::{self, Gemm, Kernels, LogitsPool};
 use super::kv_cache::KvCache;
 use super::ops::{cross_entropy_per_token, rms_norm, softcap, softmax_last_dim};
+use super::params::{BlockParam, Init, OptimGroup, Param, ParamSpec};
 
 /// Base of the rotary frequencies.
 const ROPE_BASE: f32 = 10_000.0;
@@ -66,26 +69,8 @@ impl GPTConfig {
         Ok(())
     }
 
-    /// Every parameter's name and (rows, cols) shape, in the original's `named_parameters()` order.
-    /// Weights are [out, in] like torch's `Linear`.
-    pub fn param_shapes(&self) -> Vec<(String, (usize, usize))> {
-        let (c, kv) = (self.n_embd, self.n_kv_head * self.head_dim());
-        let mut shapes = vec![("transformer.wte.weight".to_string(), (self.vocab_size, c))];
-        for i in 0..self.n_layer {
-            let h = format!("transformer.h.{i}");
-            shapes.push((format!("{h}.attn.c_q.weight"), (c, c)));
-            shapes.push((format!("{h}.attn.c_k.weight"), (kv, c)));
-            shapes.push((format!("{h}.attn.c_v.weight"), (kv, c)));
-            shapes.push((format!("{h}.attn.c_proj.weight"), (c, c)));
-            shapes.push((format!("{h}.mlp.c_fc.weight"), (4 * c, c)));
-            shapes.push((format!("{h}.mlp.c_proj.weight"), (c, 4 * c)));
-        }
-        shapes.push(("lm_head.weight".to_string(), (self.vocab_size, c)));
-        shapes
-    }
-
     pub fn num_params(&self) -> usize {
-        self.param_shapes().iter().map(|(_, (r, c))| r * c).sum()
+        self.params().iter().map(ParamSpec::numel).sum()
     }
 
     /// Training FLOPs per token: 6 per non-embedding weight (forward + backward matmuls; the
@@ -97,29 +82,58 @@ impl GPTConfig {
     }
 }
 
-/// Standard deviation of v0's init for a parameter: embedding N(0, 1); `lm_head` and every
-/// `c_proj` zero (each block starts as the identity, logits start uniform); other linears
-/// 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)).
-pub fn init_std(name: &str, rows: usize, cols: usize) -> f64 {
-    if name == "transformer.wte.weight" {
-        1.0
-    } else if name == "lm_head.weight" || name.ends_with(".c_proj.weight") {
-        0.0
-    } else {
-        let (fan_out, fan_in) = (rows as f64, cols as f64);
-        1.0 / fan_in.sqrt() * (fan_out / fan_in).sqrt().min(1.0)
+impl GPTConfig {
+    /// The parameter table: every parameter of this shape of model, in the original's
+    /// `named_parameters()` order (the order of initialisation draws and of the fixtures).
+    pub fn params(&self) -> Vec<ParamSpec> {
+        let blocks = (0..self.n_layer).flat_map(|i| BlockParam::ALL.map(|p| Param::Block(i, p)));
+        std::iter::once(Param::Wte).chain(blocks).chain([Param::LmHead]).map(|p| self.spec(p)).collect()
+    }
+
+    /// The table's row of `param`: its shape, initialisation and optimizer group. The one place
+    /// that says what each parameter is.
+    pub fn spec(&self, param: Param) -> ParamSpec {
+        let (c, v, kv) = (self.n_embd, self.vocab_size, self.n_kv_head * self.head_dim());
+        let (shape, init, group) = match param {
+            Param::Wte => (vec![v, c], Init::Normal { std: 1.0 }, OptimGroup::Embedding),
+            Param::LmHead => (vec![v, c], Init::Zeros, OptimGroup::Unembedding),
+            Param::Block(_, p) => {
+                let (out, inp) = match p {
+                    BlockParam::Q | BlockParam::AttnProj => (c, c),
+                    BlockParam::K | BlockParam::V => (kv, c),
+                    BlockParam::Fc => (4 * c, c),
+                    BlockParam::MlpProj => (c, 4 * c),
+                };
+                let init = match p {
+                    BlockParam::AttnProj | BlockParam::MlpProj => Init::Zeros,
+                    _ => Init::linear(out, inp),
+                };
+                (vec![out, inp], init, OptimGroup::Matrix)
+            }
+        };
+        ParamSpec { param, name: param.name(), shape, init, group }
+    }
+
+    /// The row of the parameter named `name`, if the model has one.
+    pub fn find_param(&self, name: &str) -> Option<ParamSpec> {
+        self.params().into_iter().find(|s| s.name == name)
     }
 }
 
-/// The model's parameters as (name, Var) in `named_parameters()` order, for the optimizers.
+/// The model's parameters as (name, Var) in table order, for the optimizers. A parameter missing
+/// from `varmap`, or a variable in it that the table does not list (which no optimizer group
+/// would update), is an error.
 pub fn named_vars(config: &GPTConfig, varmap: &VarMap) -> Result<Vec<(String, Var)>> {
     let data = varmap.data().lock().map_err(|e| candle_core::Error::Msg(format!("VarMap lock poisoned: {e}")))?;
-    config
-        .param_shapes()
+    let specs = config.params();
+    if let Some(extra) = data.keys().find(|k| !specs.iter().any(|s| &s.name == *k)) {
+        candle_core::bail!("the VarMap has a variable {extra} that is not a parameter of the model");
+    }
+    specs
         .into_iter()
-        .map(|(name, _)| match data.get(&name) {
-            Some(var) => Ok((name, var.clone())),
-            None => candle_core::bail!("VarMap has no parameter {name}"),
+        .map(|spec| match data.get(&spec.name) {
+            Some(var) => Ok((spec.name, var.clone())),
+            None => candle_core::bail!("VarMap has no parameter {}", spec.name),
         })
         .collect()
 }
@@ -157,49 +171,49 @@ fn attention_mask(tq: usize, tk: usize, device: &Device) -> Result<Tensor> {
     Tensor::from_vec(mask, (tq, tk), device)
 }
 
-fn linear(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
-    let w = vb.get_with_hints((out_dim, in_dim), &format!("{name}.weight"), candle_nn::init::ZERO)?;
-    Ok(Linear::new(w, None))
-}
-
 /// Named intermediate tensors collected by [`GPT::forward_with_activations`].
 type Trace = Vec<(String, Tensor)>;
 
-/// What every attention layer of one forward pass shares: the rotary rows of the chunk's
-/// positions, the additive mask (None for a single query, which sees every key, and on the fused
-/// path, whose kernel masks by itself), and whether to run the fused CPU kernels.
-struct AttnContext {
+/// What every layer of one forward pass shares: the rotary rows of the chunk's positions, the
+/// additive attention mask (None for a single query, which sees every key, and on the fused path,
+/// whose kernel masks by itself), and the kernels it runs: fused (the model's choice, for f32 on the
+/// CPU) and on which training GEMM.
+struct Pass {
     cos: Tensor,
     sin: Tensor,
     mask: Option<Tensor>,
     fused: bool,
+    gemm: Gemm,
 }
 
-/// Whether `x` takes the fused CPU kernels of `fused/` (f32 on the CPU, unless switched off).
-fn use_fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && fused::enabled()
-}
-
-/// `x · Wᵀ` over the last dimension of `x`, through the fused linear (and the training GEMM,
-/// see `fused/linear.rs`) on the CPU.
-fn project(layer: &Linear, x: &Tensor) -> Result<Tensor> {
-    if !use_fused(x) {
-        return layer.forward(x);
+impl Pass {
+    /// `x · Wᵀ` over the last dimension of `x`, through the fused linear (and the training GEMM,
+    /// see `fused/linear.rs`) on the fused path.
+    fn project(&self, layer: &Linear, x: &Tensor) -> Result<Tensor> {
+        if !self.fused {
+            return layer.forward(x);
+        }
+        let c = x.dim(D::Minus1)?;
+        let mut dims = x.dims().to_vec();
+        dims.pop();
+        dims.push(layer.weight().dim(0)?);
+        fused::linear(&x.reshape(((), c))?, layer.weight(), self.gemm)?.reshape(dims)
     }
-    let c = x.dim(D::Minus1)?;
-    let mut dims = x.dims().to_vec();
-    dims.pop();
-    dims.push(layer.weight().dim(0)?);
-    fused::linear(&x.reshape(((), c))?, layer.weight())?.reshape(dims)
+
+    /// RMSNorm, fused on the fused path.
+    fn norm(&self, x: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            fused::rms_norm(x)
+        } else {
+            rms_norm(x)
+        }
+    }
 }
 
-/// RMSNorm, fused on the CPU.
-fn norm(x: &Tensor) -> Result<Tensor> {
-    if use_fused(x) {
-        fused::rms_norm(x)
-    } else {
-        rms_norm(x)
-    }
+/// Whether `x` (a pass's activations) can take the fused kernels when `kernels` ask for them: they
+/// are f32 CPU kernels.
+fn fusable(kernels: Kernels, x: &Tensor) -> bool {
+    kernels.fused && x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 struct CausalSelfAttention {
@@ -214,38 +228,38 @@ struct CausalSelfAttention {
 }
 
 impl CausalSelfAttention {
-    fn new(cfg: &GPTConfig, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
-        let (c, hd) = (cfg.n_embd, cfg.head_dim());
+    fn new(cfg: &GPTConfig, layer_idx: usize, weight: &impl Fn(Param) -> Result<Linear>) -> Result<Self> {
+        let w = |p: BlockParam| weight(Param::Block(layer_idx, p));
         Ok(Self {
             layer_idx,
             n_head: cfg.n_head,
             n_kv_head: cfg.n_kv_head,
-            head_dim: hd,
-            c_q: linear(&vb, "c_q", cfg.n_head * hd, c)?,
-            c_k: linear(&vb, "c_k", cfg.n_kv_head * hd, c)?,
-            c_v: linear(&vb, "c_v", cfg.n_kv_head * hd, c)?,
-            c_proj: linear(&vb, "c_proj", c, c)?,
+            head_dim: cfg.head_dim(),
+            c_q: w(BlockParam::Q)?,
+            c_k: w(BlockParam::K)?,
+            c_v: w(BlockParam::V)?,
+            c_proj: w(BlockParam::AttnProj)?,
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &AttnContext, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: &Pass, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let (h, hkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         // project and split heads: q (B, T, H, D), k and v (B, T, Hkv, D)
-        let q = project(&self.c_q, x)?.reshape((b, t, h, hd))?;
-        let k = project(&self.c_k, x)?.reshape((b, t, hkv, hd))?;
-        let v = project(&self.c_v, x)?.reshape((b, t, hkv, hd))?;
-        if ctx.fused && cache.is_none() {
+        let q = pass.project(&self.c_q, x)?.reshape((b, t, h, hd))?;
+        let k = pass.project(&self.c_k, x)?.reshape((b, t, hkv, hd))?;
+        let v = pass.project(&self.c_v, x)?.reshape((b, t, hkv, hd))?;
+        if pass.fused && cache.is_none() {
             // Fused kernels in the projections' (B, T, heads, D) layout: no transposes, no (T x T)
             // intermediates. The cached path (a prefix of past keys) keeps the composition below.
-            let q = fused::rope_qk_norm(&q, &ctx.cos, &ctx.sin)?;
-            let k = fused::rope_qk_norm(&k, &ctx.cos, &ctx.sin)?;
+            let q = fused::rope_qk_norm(&q, &pass.cos, &pass.sin)?;
+            let k = fused::rope_qk_norm(&k, &pass.cos, &pass.sin)?;
             let y = fused::causal_attention(&q, &k, &v)?.reshape((b, t, c))?;
-            return project(&self.c_proj, &y);
+            return pass.project(&self.c_proj, &y);
         }
         // rotary, then QK-norm, then heads first: q (B, H, T, D), k and v (B, Hkv, T, D)
-        let q = rms_norm(&apply_rotary(&q, &ctx.cos, &ctx.sin)?)?;
-        let k = rms_norm(&apply_rotary(&k, &ctx.cos, &ctx.sin)?)?;
+        let q = rms_norm(&apply_rotary(&q, &pass.cos, &pass.sin)?)?;
+        let k = rms_norm(&apply_rotary(&k, &pass.cos, &pass.sin)?)?;
         let q = q.transpose(1, 2)?.contiguous()?;
         let k = k.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
@@ -262,7 +276,7 @@ impl CausalSelfAttention {
         let q = q.reshape((b, hkv, r * t, hd))?;
         let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // (B, Hkv, r*T, Tk)
         let att = att.reshape((b, hkv, r, t, tk))?;
-        let att = match &ctx.mask {
+        let att = match &pass.mask {
             Some(mask) => att.broadcast_add(mask)?,
             None => att,
         };
@@ -271,7 +285,7 @@ impl CausalSelfAttention {
 
         // heads back together: (B, H, T, D) -> (B, T, H*D)
         let y = y.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, c))?;
-        project(&self.c_proj, &y)
+        pass.project(&self.c_proj, &y)
     }
 }
 
@@ -281,16 +295,16 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(cfg: &GPTConfig, vb: VarBuilder) -> Result<Self> {
-        let c = cfg.n_embd;
-        Ok(Self { c_fc: linear(&vb, "c_fc", 4 * c, c)?, c_proj: linear(&vb, "c_proj", c, 4 * c)? })
+    fn new(layer_idx: usize, weight: &impl Fn(Param) -> Result<Linear>) -> Result<Self> {
+        let w = |p: BlockParam| weight(Param::Block(layer_idx, p));
+        Ok(Self { c_fc: w(BlockParam::Fc)?, c_proj: w(BlockParam::MlpProj)? })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         // (B, T, C) -> (B, T, 4C) -> relu² -> (B, T, C)
-        let h = project(&self.c_fc, x)?;
-        let h = if use_fused(&h) { fused::relu_squared(&h)? } else { h.relu()?.sqr()? };
-        project(&self.c_proj, &h)
+        let h = pass.project(&self.c_fc, x)?;
+        let h = if pass.fused { fused::relu_squared(&h)? } else { h.relu()?.sqr()? };
+        pass.project(&self.c_proj, &h)
     }
 }
 
@@ -304,13 +318,13 @@ impl Block {
         &self,
         i: usize,
         x: &Tensor,
-        ctx: &AttnContext,
+        pass: &Pass,
         cache: Option<&mut KvCache>,
         trace: Option<&mut Trace>,
     ) -> Result<Tensor> {
-        let attn_out = self.attn.forward(&norm(x)?, ctx, cache)?;
+        let attn_out = self.attn.forward(&pass.norm(x)?, pass, cache)?;
         let x = (x + &attn_out)?;
-        let mlp_out = self.mlp.forward(&norm(&x)?)?;
+        let mlp_out = self.mlp.forward(&pass.norm(&x)?, pass)?;
         let x = (x + &mlp_out)?;
         if let Some(trace) = trace {
             trace.push((format!("h.{i}.attn_out"), attn_out));
@@ -334,38 +348,62 @@ pub enum Reduction {
 #[allow(clippy::upper_case_acronyms)] // named as in the original
 pub struct GPT {
     config: GPTConfig,
+    kernels: Kernels,
+    /// Every parameter, in table order: what [`GPT::weight`] and [`GPT::named_weights`] hand out.
+    weights: Vec<(ParamSpec, Tensor)>,
     wte: Embedding,
     blocks: Vec<Block>,
     lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// The fused lm_head's logits buffer, kept from step to step (see `fused/lm_head.rs`).
+    logits_pool: LogitsPool,
 }
 
 impl GPT {
     /// Builds the model over the tensors of `vb` (a checkpoint, or a [`VarMap`] for training;
-    /// parameters missing from a VarMap are created as zeros: use [`GPT::init`] for a fresh model).
+    /// parameters missing from a VarMap are created as zeros: use [`GPT::init`] for a fresh model),
+    /// fetching every parameter of the table by name. It runs the default [`Kernels`] (fused, f32
+    /// GEMMs) until told otherwise ([`GPT::with_kernels`]).
     pub fn new(config: &GPTConfig, vb: VarBuilder) -> Result<Self> {
         config.validate()?;
-        let c = config.n_embd;
-        let wte_w = vb.get_with_hints((config.vocab_size, c), "transformer.wte.weight", candle_nn::init::ZERO)?;
-        let blocks = (0..config.n_layer)
-            .map(|i| {
-                let vb = vb.pp(format!("transformer.h.{i}"));
-                Ok(Block {
-                    attn: CausalSelfAttention::new(config, i, vb.pp("attn"))?,
-                    mlp: Mlp::new(config, vb.pp("mlp"))?,
-                })
+        let weights = config
+            .params()
+            .into_iter()
+            .map(|spec| {
+                let tensor = vb.get_with_hints(spec.shape.clone(), &spec.name, candle_nn::init::ZERO)?;
+                Ok((spec, tensor))
             })
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = linear(&vb, "lm_head", config.vocab_size, c)?;
+        let tensor = |p: Param| -> Result<Tensor> {
+            match weights.iter().find(|(spec, _)| spec.param == p) {
+                Some((_, t)) => Ok(t.clone()),
+                None => candle_core::bail!("the parameter table has no {}", p.name()),
+            }
+        };
+        let linear = |p: Param| -> Result<Linear> { Ok(Linear::new(tensor(p)?, None)) };
+        let blocks = (0..config.n_layer)
+            .map(|i| Ok(Block { attn: CausalSelfAttention::new(config, i, &linear)?, mlp: Mlp::new(i, &linear)? }))
+            .collect::<Result<Vec<_>>>()?;
+        let (wte, lm_head) = (Embedding::new(tensor(Param::Wte)?, config.n_embd), linear(Param::LmHead)?);
         let rotary_len = config.sequence_len * ROTARY_LEN_FACTOR;
         let (cos, sin) = rotary_tables(rotary_len, config.head_dim(), vb.device())?;
-        Ok(Self { config: config.clone(), wte: Embedding::new(wte_w, c), blocks, lm_head, cos, sin })
+        Ok(Self {
+            config: config.clone(),
+            kernels: Kernels::default(),
+            weights,
+            wte,
+            blocks,
+            lm_head,
+            cos,
+            sin,
+            logits_pool: LogitsPool::default(),
+        })
     }
 
-    /// A freshly initialised, trainable model (v0's `init_weights`, see [`init_std`]), drawn
-    /// deterministically from `seed` in `named_parameters()` order, with the VarMap that owns its
-    /// parameters.
+    /// A freshly initialised, trainable model (v0's `init_weights`: each parameter's
+    /// [`super::params::Init`]), drawn deterministically from `seed` in table order, with the
+    /// VarMap that owns its parameters.
     pub fn init(config: &GPTConfig, seed: u64, device: &Device) -> Result<(Self, VarMap)> {
         config.validate()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -373,24 +411,34 @@ impl GPT {
         {
             let mut data =
                 varmap.data().lock().map_err(|e| candle_core::Error::Msg(format!("VarMap lock poisoned: {e}")))?;
-            for (name, (rows, cols)) in config.param_shapes() {
-                let std = init_std(&name, rows, cols);
-                let values: Vec<f32> = if std == 0.0 {
-                    vec![0.0; rows * cols]
-                } else {
-                    let normal = Normal::new(0.0f32, std as f32).map_err(candle_core::Error::wrap)?;
-                    (0..rows * cols).map(|_| normal.sample(&mut rng)).collect()
-                };
-                let var = Var::from_tensor(&Tensor::from_vec(values, (rows, cols), device)?)?;
-                data.insert(name, var);
+            for spec in config.params() {
+                let values = spec.init.sample(spec.numel(), &mut rng)?;
+                let var = Var::from_tensor(&Tensor::from_vec(values, spec.shape, device)?)?;
+                data.insert(spec.name, var);
             }
         }
         let model = Self::new(config, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
         Ok((model, varmap))
     }
 
+    /// The model running `kernels` from now on (the command's choice, e.g. `base train --bf16`).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// The kernels the model runs (and its optimizers should: `optim::setup_optimizers`).
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
     pub fn config(&self) -> &GPTConfig {
         &self.config
+    }
+
+    /// The tensor of `param` (every parameter of the table has one).
+    pub fn weight(&self, param: Param) -> Option<&Tensor> {
+        self.weights.iter().find(|(spec, _)| spec.param == param).map(|(_, t)| t)
     }
 
     pub fn num_params(&self) -> usize {
@@ -406,21 +454,10 @@ impl GPT {
         (&self.cos, &self.sin)
     }
 
-    /// Every weight by its original name, in [`GPTConfig::param_shapes`] order: for inference
-    /// paths that keep their own copy of the weights (`model::decode`).
+    /// Every weight by its original name, in table order ([`GPTConfig::params`]): for saving and
+    /// for converting to other formats.
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("transformer.wte.weight".to_string(), self.wte.embeddings().clone())];
-        for (i, b) in self.blocks.iter().enumerate() {
-            let h = format!("transformer.h.{i}");
-            out.push((format!("{h}.attn.c_q.weight"), b.attn.c_q.weight().clone()));
-            out.push((format!("{h}.attn.c_k.weight"), b.attn.c_k.weight().clone()));
-            out.push((format!("{h}.attn.c_v.weight"), b.attn.c_v.weight().clone()));
-            out.push((format!("{h}.attn.c_proj.weight"), b.attn.c_proj.weight().clone()));
-            out.push((format!("{h}.mlp.c_fc.weight"), b.mlp.c_fc.weight().clone()));
-            out.push((format!("{h}.mlp.c_proj.weight"), b.mlp.c_proj.weight().clone()));
-        }
-        out.push(("lm_head.weight".to_string(), self.lm_head.weight().clone()));
-        out
+        self.weights.iter().map(|(spec, t)| (spec.name.clone(), t.clone())).collect()
     }
 
     /// `idx` (B, T) of token ids. Without targets: softcapped logits (B, T, V). With targets
@@ -436,11 +473,12 @@ impl GPT {
     pub fn loss(&self, idx: &Tensor, targets: &Tensor, reduction: Reduction) -> Result<Tensor> {
         let x = self.trunk(idx, None, None)?;
         let targets = targets.flatten_all()?; // (B*T,)
-        let losses = if use_fused(&x) {
+        let losses = if fusable(self.kernels, &x) {
             // Projection, softcap and scoring in one op with one logits buffer reused from step to
             // step (see `fused/lm_head.rs`).
             let c = x.dim(D::Minus1)?;
-            fused::lm_head_cross_entropy(&x.reshape(((), c))?, self.lm_head.weight(), &targets, SOFTCAP as f32)?
+            let (w, gemm, pool) = (self.lm_head.weight(), self.kernels.gemm(), &self.logits_pool);
+            fused::lm_head_cross_entropy(&x.reshape(((), c))?, w, &targets, SOFTCAP as f32, gemm, pool)?
         } else {
             let logits = self.logits(&x)?;
             let v = logits.dim(D::Minus1)?;
@@ -496,8 +534,8 @@ impl GPT {
             );
         }
         let x = self.wte.forward(idx)?;
-        let fused = use_fused(&x);
-        let ctx = AttnContext {
+        let fused = fusable(self.kernels, &x);
+        let pass = Pass {
             cos: self.cos.narrow(0, t0, t)?,
             sin: self.sin.narrow(0, t0, t)?,
             mask: if t > 1 && !(fused && cache.is_none()) {
@@ -506,15 +544,16 @@ impl GPT {
                 None
             },
             fused,
+            gemm: self.kernels.gemm(),
         };
-        let mut x = norm(&x)?; // (B, T, C)
+        let mut x = pass.norm(&x)?; // (B, T, C)
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(i, &x, &ctx, cache.as_deref_mut(), trace.as_deref_mut())?;
+            x = block.forward(i, &x, &pass, cache.as_deref_mut(), trace.as_deref_mut())?;
         }
         if let Some(cache) = cache {
             cache.advance(t);
         }
-        norm(&x)
+        pass.norm(&x)
     }
 
     /// (B, T, C) -> softcapped logits (B, T, V).

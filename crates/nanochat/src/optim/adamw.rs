@@ -4,8 +4,8 @@
 //! with decoupled weight decay `p *= 1 - lr * wd` first. A parameter whose gradient and moments
 //! are zero (an embedding row never seen) is left exactly unchanged.
 //!
-//! On the CPU in f32 (with the fused kernels on, see [`crate::model::fused::set_enabled`]) the
-//! update is one multi-threaded pass that rewrites the parameter and both moments in place: the
+//! On the CPU in f32 (with fused [`Kernels`], the default, as the model's) the update is one
+//! multi-threaded pass that rewrites the parameter and both moments in place: the
 //! embedding and lm_head are 8.4 M values each at depth 4, and the composition of candle ops
 //! makes a dozen full-size temporaries of them per step. Both paths do the same f32 operations in
 //! the same order, so they agree bit for bit.
@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use super::in_place::{fusable, with_data_mut, InPlace2};
 use super::ParamGroup;
+use crate::model::Kernels;
 
 struct AdamState {
     step: u64,
@@ -32,12 +33,16 @@ pub struct AdamW {
     pub betas: (f64, f64),
     pub eps: f64,
     pub weight_decay: f64,
+    /// Fused: the one-pass update on the CPU; otherwise the composition of candle ops (the same
+    /// values bit for bit).
+    pub kernels: Kernels,
     state: HashMap<String, AdamState>,
 }
 
 impl AdamW {
+    /// With the default (fused) [`Kernels`].
     pub fn new(groups: Vec<ParamGroup>, betas: (f64, f64), eps: f64, weight_decay: f64) -> Self {
-        Self { groups, betas, eps, weight_decay, state: HashMap::new() }
+        Self { groups, betas, eps, weight_decay, kernels: Kernels::default(), state: HashMap::new() }
     }
 
     /// Updates every parameter that has a gradient in `grads`; the others (and their step
@@ -67,7 +72,7 @@ impl AdamW {
                     step_size: (group.lr / bias_correction1) as f32,
                 };
                 let p = var.as_tensor();
-                let (exp_avg, exp_avg_sq) = if fusable(&[p, &g, &state.exp_avg, &state.exp_avg_sq]) {
+                let (exp_avg, exp_avg_sq) = if fusable(self.kernels, &[p, &g, &state.exp_avg, &state.exp_avg_sq]) {
                     update_in_place(p, &g, &state.exp_avg, &state.exp_avg_sq, k)?;
                     (state.exp_avg, state.exp_avg_sq)
                 } else {

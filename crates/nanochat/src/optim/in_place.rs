@@ -1,17 +1,16 @@
 //! In-place optimizer updates on the CPU: candle's in-place ops hand a tensor's storage to a
 //! closure, so that AdamW and Muon rewrite parameters and state in one pass instead of composing
-//! full-size temporaries (used when the fused kernels are on, see
-//! [`crate::model::fused::set_enabled`]).
+//! full-size temporaries (used when the optimizer's [`Kernels`] are fused, as the model's).
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
 
-use crate::model::fused;
+use crate::model::Kernels;
 
-/// Whether a one-pass update applies: fused kernels on, and every tensor contiguous f32 on the CPU.
-pub(super) fn fusable(tensors: &[&Tensor]) -> bool {
-    fused::enabled() && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+/// Whether a one-pass update applies: fused `kernels`, and every tensor contiguous f32 on the CPU.
+pub(super) fn fusable(kernels: Kernels, tensors: &[&Tensor]) -> bool {
+    kernels.fused && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
 fn contiguous_f32<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {

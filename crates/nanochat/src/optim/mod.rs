@@ -1,8 +1,9 @@
 //! The optimizers of v0 `base_train`: Muon for the 2-D matrices of the transformer blocks, AdamW
-//! for the embedding and the lm_head, the learning-rate and momentum schedules, and gradient
-//! clipping by global norm. They update candle `Var`s in place from a `GradStore`. Across several
-//! ranks their state is sharded (ZeRO-2, [`Optimizers::shard`]): each rank keeps and updates its
-//! own parameters only.
+//! for the embedding and the lm_head (each parameter's group comes from the model's parameter
+//! table, [`OptimGroup`]), the learning-rate and momentum schedules, and gradient clipping by
+//! global norm. They update candle `Var`s in place from a `GradStore`, on the model's [`Kernels`].
+//! Across several ranks their state is sharded (ZeRO-2, [`Optimizers::shard`]): each rank keeps
+//! and updates its own parameters only.
 
 pub mod adamw;
 mod in_place;
@@ -20,7 +21,7 @@ pub use muon::Muon;
 pub use schedule::{muon_momentum, LrSchedule};
 
 use crate::dist::{Communicator, Shards, SingleProcess};
-use crate::model::{named_vars, GPTConfig};
+use crate::model::{named_vars, Kernels, OptimGroup, GPT};
 
 /// Named parameters sharing a learning rate. `initial_lr` is what the schedule multiplies.
 pub struct ParamGroup {
@@ -63,27 +64,34 @@ pub struct Optimizers {
     shards: Option<Shards>,
 }
 
-/// v0 `setup_optimizers`: AdamW (betas (0.8, 0.95), eps 1e-10) with one group for the lm_head
-/// and one for the embedding, Muon for every matrix in the blocks.
-pub fn setup_optimizers(config: &GPTConfig, varmap: &VarMap, hp: &OptimConfig) -> Result<Optimizers> {
+/// v0 `setup_optimizers` for `model`, whose parameters `varmap` holds: AdamW (betas (0.8,
+/// 0.95), eps 1e-10) with one group for the unembedding and one for the embedding, Muon for the
+/// matrices, each parameter where its [`OptimGroup`] says; both on the model's [`Kernels`]. A
+/// variable of `varmap` that the parameter table does not list is an error (no optimizer would
+/// update it).
+pub fn setup_optimizers(model: &GPT, varmap: &VarMap, hp: &OptimConfig) -> Result<Optimizers> {
+    let config = model.config();
     let dmodel_lr_scale = (config.n_embd as f64 / 768.0).powf(-0.5);
     let (mut embedding, mut lm_head, mut matrices) = (Vec::new(), Vec::new(), Vec::new());
-    for (name, var) in named_vars(config, varmap)? {
-        match name.as_str() {
-            "transformer.wte.weight" => embedding.push((name, var)),
-            "lm_head.weight" => lm_head.push((name, var)),
-            _ => matrices.push((name, var)),
+    for (spec, named) in config.params().into_iter().zip(named_vars(config, varmap)?) {
+        match spec.group {
+            OptimGroup::Embedding => embedding.push(named),
+            OptimGroup::Unembedding => lm_head.push(named),
+            OptimGroup::Matrix if spec.shape.len() == 2 => matrices.push(named),
+            OptimGroup::Matrix => candle_core::bail!("{} is not a matrix: Muon updates 2-D parameters only", spec.name),
         }
     }
     let adam_groups = vec![
         ParamGroup::new(lm_head, hp.unembedding_lr * dmodel_lr_scale),
         ParamGroup::new(embedding, hp.embedding_lr * dmodel_lr_scale),
     ];
-    Ok(Optimizers {
+    let mut optimizers = Optimizers {
         adamw: AdamW::new(adam_groups, (0.8, 0.95), 1e-10, hp.weight_decay),
         muon: Muon::new(ParamGroup::new(matrices, hp.matrix_lr)),
         shards: None,
-    })
+    };
+    optimizers.set_kernels(model.kernels());
+    Ok(optimizers)
 }
 
 impl Optimizers {
@@ -132,6 +140,12 @@ impl Optimizers {
 
     pub fn set_muon_momentum(&mut self, momentum: f64) {
         self.muon.momentum = momentum;
+    }
+
+    /// Runs both optimizers on `kernels` (those of the model they update).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.adamw.kernels = kernels;
+        self.muon.kernels = kernels;
     }
 
     /// Every parameter of both optimizers.

@@ -2,8 +2,9 @@
 //! with Nesterov momentum whose update is replaced by the nearest semi-orthogonal matrix,
 //! approximated by 5 steps of a quintic Newton-Schulz iteration. For the 2-D matrices of the
 //! transformer blocks only. The iteration runs in f32 (the f32 variant of the fixture is the
-//! parity target); v0 runs it in bf16, which on the CPU it does here too when the training GEMM
-//! is bf16 ([`crate::model::fused::set_bf16_matmul`]): the products' operands are rounded to bf16.
+//! parity target); v0 runs it in bf16, which on the CPU it does here too when the optimizer's
+//! [`Kernels`] (the model's) put the training GEMM in bf16: the products' operands are rounded to
+//! bf16.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,7 +14,8 @@ use candle_core::{DType, Result, Tensor};
 
 use super::in_place::{fusable, InPlace2};
 use super::ParamGroup;
-use crate::model::fused;
+use crate::model::fused::{self, Gemm};
+use crate::model::Kernels;
 
 /// Quintic coefficients (a, b, c) of v0, tuned to maximise the slope at zero.
 const NS_COEFFS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315);
@@ -93,8 +95,9 @@ pub fn add_scaled_in_place(p: &Tensor, update: &Tensor, alpha: f64) -> Result<()
 }
 
 /// Approximately orthogonalises `g` (rows, cols): U V^T of its SVD, up to singular values in
-/// roughly [0.7, 1.2], which is what Muon needs and far cheaper than an SVD.
-pub fn zeropower_via_newtonschulz5(g: &Tensor, steps: usize) -> Result<Tensor> {
+/// roughly [0.7, 1.2], which is what Muon needs and far cheaper than an SVD. On the CPU with fused
+/// `kernels`, over plain buffers on their training GEMM.
+pub fn zeropower_via_newtonschulz5(g: &Tensor, steps: usize, kernels: Kernels) -> Result<Tensor> {
     let (rows, cols) = g.dims2()?;
     let tall = rows > cols;
     // Work on the wide orientation so X X^T is the smaller Gram matrix.
@@ -102,8 +105,8 @@ pub fn zeropower_via_newtonschulz5(g: &Tensor, steps: usize) -> Result<Tensor> {
     if tall {
         x = x.t()?.contiguous()?;
     }
-    x = if x.device().is_cpu() && fused::enabled() {
-        newton_schulz_cpu(&x, steps)?
+    x = if x.device().is_cpu() && kernels.fused {
+        newton_schulz_cpu(&x, steps, kernels.gemm())?
     } else {
         let (a, b, c) = NS_COEFFS;
         // Frobenius normalisation puts every singular value in [0, 1], where the iteration
@@ -128,10 +131,10 @@ fn mat(data: &[f32], rs: usize, cs: usize) -> fused::Mat<'_> {
 }
 
 /// The same iteration, f32 operation for f32 operation, over plain buffers on the CPU through the
-/// training GEMM (`fused::matmul`: f32, or bf16 operands like v0's bf16 iteration): a tensor per
-/// operation costs more than the products themselves at these sizes (24 matrices of 256 × 256
-/// to 256 × 1,024 per step at depth 4, each with 5 × 6 operations).
-fn newton_schulz_cpu(x: &Tensor, steps: usize) -> Result<Tensor> {
+/// training GEMM `gemm` (`fused::matmul`: f32, or bf16 operands like v0's bf16 iteration): a
+/// tensor per operation costs more than the products themselves at these sizes (24 matrices of
+/// 256 × 256 to 256 × 1,024 per step at depth 4, each with 5 × 6 operations).
+fn newton_schulz_cpu(x: &Tensor, steps: usize, gemm: Gemm) -> Result<Tensor> {
     let (a, b, c) = (NS_COEFFS.0 as f32, NS_COEFFS.1 as f32, NS_COEFFS.2 as f32);
     let (m, n) = x.dims2()?;
     let mut x = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
@@ -140,11 +143,11 @@ fn newton_schulz_cpu(x: &Tensor, steps: usize) -> Result<Tensor> {
     let (mut gram, mut scaled, mut poly, mut bx) =
         (vec![0f32; m * m], vec![0f32; m * m], vec![0f32; m * m], vec![0f32; m * n]);
     for _ in 0..steps {
-        fused::matmul(m, m, n, &mut gram, m, mat(&x, n, 1), mat(&x, 1, n))?; // A = X X^T
+        fused::matmul(gemm, m, m, n, &mut gram, m, mat(&x, n, 1), mat(&x, 1, n))?; // A = X X^T
         scaled.iter_mut().zip(&gram).for_each(|(s, g)| *s = g * c);
-        fused::matmul(m, m, m, &mut poly, m, mat(&scaled, m, 1), mat(&gram, m, 1))?;
+        fused::matmul(gemm, m, m, m, &mut poly, m, mat(&scaled, m, 1), mat(&gram, m, 1))?;
         poly.iter_mut().zip(&gram).for_each(|(p, g)| *p += g * b); // B = b A + (c A) A
-        fused::matmul(m, n, m, &mut bx, n, mat(&poly, m, 1), mat(&x, n, 1))?;
+        fused::matmul(gemm, m, n, m, &mut bx, n, mat(&poly, m, 1), mat(&x, n, 1))?;
         x.iter_mut().zip(&bx).for_each(|(x, bx)| *x = *x * a + bx); // X = a X + B X
     }
     Tensor::from_vec(x, (m, n), &candle_core::Device::Cpu)
@@ -156,13 +159,17 @@ pub struct Muon {
     pub momentum: f64,
     pub nesterov: bool,
     pub ns_steps: usize,
+    /// Fused: in-place momentum and update, and the Newton-Schulz products on the kernels' GEMM
+    /// (bf16 when they say so); otherwise the composition of candle ops.
+    pub kernels: Kernels,
     state: HashMap<String, Tensor>,
 }
 
 impl Muon {
-    /// v0's defaults besides the learning rate: momentum 0.95, Nesterov, 5 Newton-Schulz steps.
+    /// v0's defaults besides the learning rate: momentum 0.95, Nesterov, 5 Newton-Schulz steps;
+    /// the default (fused, f32) [`Kernels`].
     pub fn new(group: ParamGroup) -> Self {
-        Self { group, momentum: 0.95, nesterov: true, ns_steps: 5, state: HashMap::new() }
+        Self { group, momentum: 0.95, nesterov: true, ns_steps: 5, kernels: Kernels::default(), state: HashMap::new() }
     }
 
     /// Updates every parameter that has a gradient in `grads`; the others are left alone.
@@ -177,17 +184,17 @@ impl Muon {
             };
             // Tall matrices get a larger step so that the update's RMS matches across shapes.
             let alpha = -self.group.lr * (rows as f64 / cols as f64).max(1.0).sqrt();
-            if fusable(&[var.as_tensor(), &g, &buf]) {
+            if fusable(self.kernels, &[var.as_tensor(), &g, &buf]) {
                 // the buffer rewritten in place, the parameter too: no full-size temporaries
                 let blended = momentum_in_place(&buf, &g, self.momentum, self.nesterov)?;
                 let blended = Tensor::from_vec(blended, (rows, cols), g.device())?;
-                let update = zeropower_via_newtonschulz5(&blended, self.ns_steps)?;
+                let update = zeropower_via_newtonschulz5(&blended, self.ns_steps, self.kernels)?;
                 add_scaled_in_place(var.as_tensor(), &update, alpha)?;
                 self.state.insert(name.clone(), buf);
                 continue;
             }
             let (buf, g) = momentum_update(&buf, &g, self.momentum, self.nesterov)?;
-            let update = zeropower_via_newtonschulz5(&g, self.ns_steps)?;
+            let update = zeropower_via_newtonschulz5(&g, self.ns_steps, self.kernels)?;
             var.set(&(var.as_tensor().detach() + update.affine(alpha, 0.0)?)?)?;
             self.state.insert(name.clone(), buf);
         }

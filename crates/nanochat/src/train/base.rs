@@ -14,6 +14,11 @@
 //! - unlike the original, `--eval-tokens` defaults to 20 steps' worth of tokens rather than a
 //!   fixed 10M, so that small CPU runs do not spend most of their time evaluating.
 //!
+//! The loop itself (cadences, checkpoints, metrics, progress) is the one midtraining runs too
+//! (`step_loop.rs`); this stage brings the data (the shard loader) and the options. `--bf16` puts
+//! this stage's training GEMMs in bf16, and only this stage's: the model it builds carries the
+//! choice ([`Kernels`]), so later stages of the same process run f32 unless they ask.
+//!
 //! A checkpoint at step N holds the state after N optimizer steps, including the data loader's
 //! position and the loss EMA, so `--resume-from-step N` continues as if never interrupted.
 //!
@@ -38,19 +43,19 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{
-    append_jsonl, batch_tensors, drop_metrics_from, log, optimizer_step_on, sample_completions, save_checkpoint_on,
-    setup_optimizers_on, validation_bpb, validation_bpb_split, LossEma,
-};
-use crate::checkpoint::{self, LoopState, Meta};
+pub use super::step_loop::TrainReport;
+use super::step_loop::{load_resume_checkpoint, MicroBatches, StageData, Start, StepLoop};
+use super::{batch_tensors, sample_completions, validation_bpb, validation_bpb_split};
+use crate::checkpoint::{self, Meta};
 use crate::data::dataset::Split;
 use crate::data::loader::{Loader, LoaderConfig, LoaderState, Packing};
 use crate::data::sources::{Dataset, Endpoints, Online, RemoteFile};
 use crate::data::{ShardArgs, MIRROR_EVAL_BUNDLE};
 use crate::dist::{self, or_abort, Communicator, DistMode, SingleProcess};
 use crate::eval::bundle::Bundle;
-use crate::model::{GPTConfig, GPT};
-use crate::optim::{muon_momentum, LrSchedule, OptimConfig};
+use crate::model::fused::Gemm;
+use crate::model::{GPTConfig, Kernels, GPT};
+use crate::optim::{LrSchedule, OptimConfig};
 
 #[derive(Subcommand)]
 pub enum BaseCommand {
@@ -284,20 +289,6 @@ impl TrainArgs {
     }
 }
 
-/// What a run did, for the caller (and tests).
-#[derive(Debug, Clone)]
-pub struct TrainReport {
-    /// The step the run started at (the resumed step, or 0).
-    pub start_step: usize,
-    /// The loss of every step from `start_step` on (mean over the step's micro-batches).
-    pub losses: Vec<f64>,
-    pub num_iterations: usize,
-    /// The last validation bits per byte, if any evaluation ran.
-    pub val_bpb: Option<f64>,
-    /// Training throughput over the run, tokens per second.
-    pub tokens_per_sec: f64,
-}
-
 pub fn run(cmd: BaseCommand) -> Result<()> {
     match cmd {
         BaseCommand::Train(args) => {
@@ -461,184 +452,122 @@ pub fn train_on(
 ) -> Result<TrainReport> {
     let (world, root) = (comm.world_size(), comm.is_root());
     let device = Device::cuda_if_available(dist::local_rank())?;
-    crate::model::fused::set_bf16_matmul(args.bf16);
+    let kernels = Kernels { bf16: args.bf16, ..Kernels::default() };
     if args.bf16 && root {
-        let how = if crate::model::fused::bf16_matmul_active() { "in bf16" } else { "in f32 (no AVX-512 BF16 here)" };
+        let how = if kernels.gemm() == Gemm::Bf16 { "in bf16" } else { "in f32 (no AVX-512 BF16 here)" };
         eprintln!("training matmuls {how}");
     }
     let model_config = args.model_config(tokenizer.vocab_size())?;
     let accum_steps = args.grad_accum_steps_for(world)?;
     let num_iterations = args.num_iterations(&model_config)?;
     let data_dir = args.shards.dir()?;
-    let fingerprint = tokenizer.fingerprint();
-    let optim_config = OptimConfig {
-        unembedding_lr: args.unembedding_lr,
-        embedding_lr: args.embedding_lr,
-        matrix_lr: args.matrix_lr,
-        weight_decay: 0.0,
-    };
-    let schedule = LrSchedule {
-        num_iterations,
-        warmup_ratio: args.warmup_ratio,
-        warmdown_ratio: args.warmdown_ratio,
-        final_lr_frac: args.final_lr_frac,
-    };
     let run_config = json!({
         "args": args, "num_iterations": num_iterations, "grad_accum_steps": accum_steps, "world_size": world,
     });
 
     // The model, the optimizer state and the loop state: fresh, or as the checkpoint left them.
-    let (model, varmap, optim_state, start_step, mut loop_state, mut loader_state) = match args.resume_from_step {
+    let (start, loader_state) = match args.resume_from_step {
         None => {
             let (model, varmap) = GPT::init(&model_config, args.seed, &device)?;
-            (model, varmap, None, 0, LoopState::default(), None)
+            (Start::fresh(model, varmap), None)
         }
         Some(step) => {
-            let ckpt = checkpoint::load(out_dir, step, &device, true, Some(&fingerprint))?;
-            if ckpt.meta.model_config != model_config {
-                bail!(
-                    "the checkpoint's model is {:?} but the options give {model_config:?}: resume with the options \
-                     of the original run",
-                    ckpt.meta.model_config
-                );
-            }
+            let ckpt = load_resume_checkpoint(out_dir, step, &device, &tokenizer.fingerprint(), &model_config)?;
             if ckpt.meta.run_config.get("num_iterations") != run_config.get("num_iterations") && root {
                 eprintln!("warning: the run had a different horizon; the learning-rate schedule changes from here");
             }
             let loader_state = rank_loader_state(&ckpt.meta, comm)?;
-            let (model, varmap) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
-            (model, varmap, Some(ckpt.optim), step, ckpt.meta.loop_state, loader_state)
+            (Start::resumed(ckpt, &device)?, loader_state)
         }
     };
-    if start_step > num_iterations {
-        bail!("cannot resume from step {start_step}: the run is only {num_iterations} steps long");
-    }
-    // Sharded across the ranks: each keeps (and updates) its own parameters' state.
-    let (mut optimizers, vars) = setup_optimizers_on(comm, &model_config, &varmap, &optim_config, optim_state)?;
-    let metrics_path = out_dir.join("metrics.jsonl");
-    if root {
-        drop_metrics_from(&metrics_path, start_step)?;
-    }
-    let flops_per_token = model_config.estimate_flops() as f64;
     let tokens_per_step = args.total_batch_size;
-
-    let pb = if root {
-        crate::common::progress_bar(num_iterations as u64, "base train")
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    pb.set_position(start_step as u64);
-    // Only rank 0 speaks: `log` prints even with a hidden bar.
-    let say = |line: String| {
-        if root {
-            log(&pb, line);
-        }
-    };
-    say(format!(
+    let intro = format!(
         "model {model_config:?}: {} parameters, {:.3e} FLOPs/token; {num_iterations} steps of {tokens_per_step} \
          tokens ({accum_steps} micro-batches of {}x{} on each of {world} processes), {:.2} tokens per parameter",
         model_config.num_params(),
-        flops_per_token,
+        model_config.estimate_flops() as f64,
         args.device_batch_size,
         args.max_seq_len,
         (num_iterations * tokens_per_step) as f64 / model_config.num_params() as f64,
-    ));
+    );
+    let mut data = ShardData {
+        loader: Loader::new(tokenizer, &args.loader_config(&data_dir, Split::Train, comm), loader_state.as_ref())?,
+        loader_state,
+        rows: args.device_batch_size,
+        seq_len: args.max_seq_len,
+        val_loader: args.loader_config(&data_dir, Split::Val, comm),
+        eval_tokens: args.eval_tokens.unwrap_or(20 * tokens_per_step),
+        tokenizer,
+        device,
+    };
+    let steps = StepLoop {
+        name: "base train",
+        kernels,
+        num_iterations,
+        accum_steps,
+        tokens_per_step,
+        schedule: LrSchedule {
+            num_iterations,
+            warmup_ratio: args.warmup_ratio,
+            warmdown_ratio: args.warmdown_ratio,
+            final_lr_frac: args.final_lr_frac,
+        },
+        optim: OptimConfig {
+            unembedding_lr: args.unembedding_lr,
+            embedding_lr: args.embedding_lr,
+            matrix_lr: args.matrix_lr,
+            weight_decay: 0.0,
+        },
+        grad_clip: args.grad_clip,
+        eval_every: args.eval_every,
+        sample_every: args.sample_every,
+        save_every: args.save_every,
+        run_config,
+        out_dir,
+    };
+    steps.run(comm, tokenizer, start, &mut data, intro)
+}
 
-    let train_loader = args.loader_config(&data_dir, Split::Train, comm);
-    let mut loader = Loader::new(tokenizer, &train_loader, loader_state.as_ref())?;
-    let mut ema = LossEma { value: loop_state.smooth_train_loss };
-    let mut losses = Vec::new();
-    let mut step = start_step;
-    let mut run_time = 0.0;
-    loop {
-        let last_step = step == num_iterations;
-        if args.eval_every > 0 && (last_step || step % args.eval_every == 0) {
-            let eval_tokens = args.eval_tokens.unwrap_or(20 * tokens_per_step);
-            let val_loader = args.loader_config(&data_dir, Split::Val, comm);
-            let bpb = validation_bpb(&model, tokenizer, &val_loader, eval_tokens, comm)?;
-            loop_state.val_bpb = Some(bpb);
-            loop_state.min_val_bpb = Some(loop_state.min_val_bpb.map_or(bpb, |m| m.min(bpb)));
-            say(format!("step {step:05} | validation bpb {bpb:.4}"));
-            if root {
-                append_jsonl(&metrics_path, &json!({ "step": step, "val_bpb": bpb }))?;
-            }
-        }
-        if root && args.sample_every > 0 && (last_step || (step > 0 && step % args.sample_every == 0)) {
-            let samples = sample_completions(&model, tokenizer)?;
-            samples.iter().for_each(|s| say(format!("  {s}")));
-            append_jsonl(&metrics_path, &json!({ "step": step, "samples": samples }))?;
-        }
-        let periodic_save = args.save_every > 0 && step % args.save_every == 0 && step != start_step;
-        if last_step || periodic_save {
-            // Every rank's loader state goes to rank 0, which alone writes the meta.
-            let mine = serde_json::to_vec(&loader_state)?;
-            let states = comm.all_gather_bytes(&mine)?;
-            let mut meta = Meta::new(step, model_config.clone(), fingerprint.clone());
-            meta.loop_state = LoopState { smooth_train_loss: ema.value, ..loop_state.clone() };
-            meta.loader_state = loader_state.clone();
-            meta.run_config = run_config.clone();
-            if world > 1 {
-                let states: Vec<Option<LoaderState>> =
-                    states.iter().map(|s| serde_json::from_slice(s)).collect::<Result<_, _>>()?;
-                meta.run_config["loader_states"] = json!(states);
-            }
-            save_checkpoint_on(comm, out_dir, &varmap, &optimizers, &meta)?;
-            say(format!("step {step:05} | saved checkpoint in {}", out_dir.display()));
-        }
-        if last_step {
-            break;
-        }
+/// Pretraining's data: this rank's stride of the shards, through the loader, whose state after
+/// the last batch a checkpoint keeps.
+struct ShardData<'a> {
+    loader: Loader,
+    /// The loader's state after the last batch taken (`None` before the first).
+    loader_state: Option<LoaderState>,
+    /// A micro-batch's rows and tokens per row.
+    rows: usize,
+    seq_len: usize,
+    val_loader: LoaderConfig,
+    eval_tokens: usize,
+    tokenizer: &'a bpe::Tokenizer,
+    device: Device,
+}
 
-        let t0 = Instant::now();
-        let micro_batches = (&mut loader).map(|b| {
+impl StageData for ShardData<'_> {
+    fn micro_batches<'a>(&'a mut self, _step: usize, _comm: &'a dyn Communicator) -> MicroBatches<'a> {
+        let (rows, seq_len, state, device) = (self.rows, self.seq_len, &mut self.loader_state, &self.device);
+        Box::new((&mut self.loader).map(move |b| {
             let b = b?;
-            loader_state = Some(b.state.clone());
-            batch_tensors(&b, args.device_batch_size, args.max_seq_len, &device)
-        });
-        let lr_multiplier = schedule.multiplier(step);
-        let momentum = muon_momentum(step);
-        let stats = optimizer_step_on(
-            comm,
-            &model,
-            &mut optimizers,
-            &vars,
-            micro_batches,
-            accum_steps,
-            args.grad_clip,
-            lr_multiplier,
-            Some(momentum),
-        )
-        .with_context(|| format!("step {step}"))?;
-        let dt = t0.elapsed().as_secs_f64();
-
-        let smooth_loss = ema.update(stats.loss, step);
-        losses.push(stats.loss);
-        loop_state.total_training_time += dt;
-        run_time += dt;
-        let tokens_per_sec = tokens_per_step as f64 / dt;
-        pb.set_message(format!(
-            "loss {smooth_loss:.4} | lrm {lr_multiplier:.2} | {tokens_per_sec:.0} tok/s | {:.2} TFLOP/s",
-            flops_per_token * tokens_per_sec / 1e12
-        ));
-        pb.inc(1);
-        if root {
-            append_jsonl(
-                &metrics_path,
-                &json!({
-                    "step": step, "loss": stats.loss, "smooth_loss": smooth_loss, "lr_multiplier": lr_multiplier,
-                    "muon_momentum": momentum, "grad_norm": stats.grad_norm, "dt": dt,
-                    "comm_seconds": stats.comm_seconds, "tokens_per_sec": tokens_per_sec,
-                    "flops_per_sec": flops_per_token * tokens_per_sec,
-                    "total_training_time": loop_state.total_training_time,
-                }),
-            )?;
-        }
-        step += 1;
+            *state = Some(b.state.clone());
+            batch_tensors(&b, rows, seq_len, device)
+        }))
     }
-    pb.finish();
-    let trained_steps = (num_iterations - start_step) as f64;
-    let tokens_per_sec = if run_time > 0.0 { trained_steps * tokens_per_step as f64 / run_time } else { 0.0 };
-    Ok(TrainReport { start_step, losses, num_iterations, val_bpb: loop_state.val_bpb, tokens_per_sec })
+
+    fn validation_bpb(&mut self, model: &GPT, comm: &dyn Communicator) -> Result<f64> {
+        validation_bpb(model, self.tokenizer, &self.val_loader, self.eval_tokens, comm)
+    }
+
+    fn checkpoint_meta(&self, comm: &dyn Communicator, meta: &mut Meta) -> Result<()> {
+        // Every rank's loader state goes to rank 0, which alone writes the meta.
+        let states = comm.all_gather_bytes(&serde_json::to_vec(&self.loader_state)?)?;
+        meta.loader_state = self.loader_state.clone();
+        if comm.world_size() > 1 {
+            let states: Vec<Option<LoaderState>> =
+                states.iter().map(|s| serde_json::from_slice(s)).collect::<Result<_, _>>()?;
+            meta.run_config["loader_states"] = json!(states);
+        }
+        Ok(())
+    }
 }
 
 /// This rank's loader state in a checkpoint's meta (see the module docs for the layout); the

@@ -22,7 +22,9 @@
 //! - a held-out slice of the shuffled mixture (`--val-fraction`) gives the validation bits per
 //!   byte, rather than the original's test splits, which the chat evals use;
 //! - the optimizers are set up fresh from the base weights, with Muon's momentum warm-up;
-//! - checkpoints go to `$NANOCHAT_BASE_DIR/mid_checkpoints/<tag>`, `<tag>` that of the base model.
+//! - checkpoints go to `$NANOCHAT_BASE_DIR/mid_checkpoints/<tag>`, `<tag>` that of the base model;
+//! - the loop (cadences, checkpoints, metrics, progress) is pretraining's (`step_loop.rs`); the
+//!   GEMMs are f32 whatever an earlier stage of the same process chose.
 //!
 //! Data-parallel (`mpirun -n W nanochat mid train ...`, docs/DISTRIBUTED.md): a step's
 //! micro-batches are those of one process, and rank r runs micro-batches r, r + W, r + 2W, ... of
@@ -36,24 +38,22 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde_json::json;
 
-use super::base::TrainReport;
-use super::{
-    accum_steps_per_rank, append_jsonl, drop_metrics_from, evaluate_bpb_on, log_on, optimizer_step_on,
-    rank_progress_bar, render_task, save_checkpoint_on, setup_optimizers_on, ChatStageArgs, LossEma,
-};
+use super::step_loop::{load_resume_checkpoint, MicroBatches, StageData, Start, StepLoop, TrainReport};
+use super::{accum_steps_per_rank, render_task, ChatStageArgs};
 use crate::checkpoint::Source;
-use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
+use crate::checkpoint::{self, Checkpoint, Meta};
 use crate::data::sources::{self, Dataset, RemoteFile};
 use crate::dist::{self, or_abort, rank_stride, Communicator, SingleProcess};
-use crate::optim::{muon_momentum, LrSchedule};
+use crate::eval::evaluate_bpb_on;
+use crate::model::{Kernels, GPT};
+use crate::optim::LrSchedule;
 use crate::tasks::arc::{ArcSubset, ArcTask};
 use crate::tasks::chat::ChatData;
 use crate::tasks::gsm8k::Gsm8k;
@@ -284,7 +284,7 @@ pub fn train_on(
     out_dir: &Path,
     comm: &dyn Communicator,
 ) -> Result<TrainReport> {
-    let (world, root) = (comm.world_size(), comm.is_root());
+    let world = comm.world_size();
     let device = Device::cuda_if_available(dist::local_rank())?;
     let model_config = base.meta.model_config.clone();
     let seq_len = args.max_seq_len.unwrap_or(model_config.sequence_len);
@@ -321,10 +321,6 @@ pub fn train_on(
         bail!("the held-out conversations make less than one batch: raise --val-fraction or pass --eval-every 0");
     }
     let val_batches = wanted_val_batches.min(val_available.max(1));
-    let fingerprint = tokenizer.fingerprint();
-    let optim_config = args.stage.optim_config(1.0);
-    let schedule =
-        LrSchedule { num_iterations, warmup_ratio: 0.0, warmdown_ratio: args.warmdown_ratio, final_lr_frac: 0.0 };
     // The stream's length stands for its content: a resume on other data would silently differ.
     // `grad_accum_steps` is the whole step's, over all ranks: a step's micro-batches do not depend
     // on the number of processes, so a run may resume on another number of them.
@@ -333,125 +329,97 @@ pub fn train_on(
         "stream_tokens": stream.len(), "base_step": base.meta.step, "world_size": world,
     });
 
-    let (model, varmap, optim_state, start_step, mut loop_state) = match args.resume_from_step {
+    let start = match args.resume_from_step {
         None => {
             let (model, varmap) = checkpoint::model_from_checkpoint(base, &device)?;
-            (model, varmap, None, 0, LoopState::default())
+            Start::fresh(model, varmap)
         }
         Some(step) => {
-            let ckpt = checkpoint::load(out_dir, step, &device, true, Some(&fingerprint))?;
-            if ckpt.meta.model_config != model_config {
-                bail!(
-                    "the checkpoint in {} is not of the base model's shape: resume the run it came from",
-                    out_dir.display()
-                );
-            }
+            let ckpt = load_resume_checkpoint(out_dir, step, &device, &tokenizer.fingerprint(), &model_config)?;
             for key in ["stream_tokens", "num_iterations", "grad_accum_steps"] {
                 if ckpt.meta.run_config.get(key) != run_config.get(key) {
                     bail!("the run's {key} changed since the checkpoint: resume with the original options and data");
                 }
             }
-            let (model, varmap) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
-            (model, varmap, Some(ckpt.optim), step, ckpt.meta.loop_state)
+            Start::resumed(ckpt, &device)?
         }
     };
-    if start_step > num_iterations {
-        bail!("cannot resume from step {start_step}: the run is only {num_iterations} steps long");
-    }
-    // Sharded across the ranks: each keeps (and updates) its own parameters' state, whatever the
-    // number of processes that wrote the checkpoint.
-    let (mut optimizers, vars) = setup_optimizers_on(comm, &model_config, &varmap, &optim_config, optim_state)?;
-    let metrics_path = out_dir.join("metrics.jsonl");
-    if root {
-        drop_metrics_from(&metrics_path, start_step)?;
-    }
-    let token_bytes = tokenizer.token_bytes();
-
-    let pb = rank_progress_bar(comm, num_iterations, "mid train");
-    pb.set_position(start_step as u64);
-    let say = |line: String| log_on(comm, &pb, line);
-    say(format!(
+    let intro = format!(
         "midtraining {model_config:?} on a mixture of {} conversations ({} tokens of it rendered): {num_iterations} \
          steps of {} tokens ({rank_accum_steps} micro-batches of {rows}x{seq_len} on each of {world} processes)",
         train_task.len(),
         stream.len(),
         args.total_batch_size
-    ));
-    let mut ema = LossEma { value: loop_state.smooth_train_loss };
-    let mut losses = Vec::new();
-    let mut step = start_step;
-    let mut run_time = 0.0;
-    loop {
-        let last_step = step == num_iterations;
-        if args.eval_every > 0 && (last_step || step % args.eval_every == 0) {
-            // Each rank evaluates its stride of the validation batches; the totals are added.
-            let batches =
-                rank_stride(comm, 0, val_batches).map(|k| micro_batch(&val_stream, k, rows, seq_len, &device));
-            let bpb = evaluate_bpb_on(comm, &model, batches, &token_bytes)?;
-            loop_state.val_bpb = Some(bpb);
-            loop_state.min_val_bpb = Some(loop_state.min_val_bpb.map_or(bpb, |m| m.min(bpb)));
-            say(format!("step {step:05} | validation bpb {bpb:.4}"));
-            if root {
-                append_jsonl(&metrics_path, &json!({ "step": step, "val_bpb": bpb }))?;
-            }
-        }
-        let periodic_save = args.save_every > 0 && step % args.save_every == 0 && step != start_step;
-        if last_step || periodic_save {
-            // The data position is the step itself: the checkpoint needs no rank's loader state.
-            let mut meta = Meta::new(step, model_config.clone(), fingerprint.clone());
-            meta.loop_state = LoopState { smooth_train_loss: ema.value, ..loop_state.clone() };
-            meta.run_config = run_config.clone();
-            save_checkpoint_on(comm, out_dir, &varmap, &optimizers, &meta)?;
-            say(format!("step {step:05} | saved checkpoint in {}", out_dir.display()));
-        }
-        if last_step {
-            break;
-        }
+    );
+    let mut data = StreamData {
+        stream,
+        val_stream,
+        val_batches,
+        accum_steps,
+        rows,
+        seq_len,
+        token_bytes: tokenizer.token_bytes(),
+        device,
+    };
+    let steps = StepLoop {
+        name: "mid train",
+        // f32 GEMMs: this stage has no --bf16, and an earlier stage's choice stays with its model
+        kernels: Kernels::default(),
+        num_iterations,
+        accum_steps: rank_accum_steps,
+        tokens_per_step: args.total_batch_size,
+        schedule: LrSchedule {
+            num_iterations,
+            warmup_ratio: 0.0,
+            warmdown_ratio: args.warmdown_ratio,
+            final_lr_frac: 0.0,
+        },
+        optim: args.stage.optim_config(1.0),
+        grad_clip: args.stage.grad_clip,
+        eval_every: args.eval_every,
+        sample_every: 0,
+        save_every: args.save_every,
+        run_config,
+        out_dir,
+    };
+    steps.run(comm, tokenizer, start, &mut data, intro)
+}
 
-        let t0 = Instant::now();
+/// Midtraining's data: the rendered mixture as one token stream, and the held-out one. The data
+/// position is the step itself (step N starts at micro-batch N × accumulation steps), so a
+/// checkpoint needs no loader state, and resumes under any number of processes.
+struct StreamData {
+    stream: Vec<u32>,
+    val_stream: Vec<u32>,
+    /// Validation micro-batches per evaluation.
+    val_batches: usize,
+    /// Micro-batches per optimizer step, over all ranks.
+    accum_steps: usize,
+    rows: usize,
+    seq_len: usize,
+    token_bytes: Vec<u32>,
+    device: Device,
+}
+
+impl StageData for StreamData {
+    fn micro_batches<'a>(&'a mut self, step: usize, comm: &'a dyn Communicator) -> MicroBatches<'a> {
         // The step's micro-batches are one process's; rank r runs those at r, r + W, r + 2W, ...
-        let first = step * accum_steps;
-        let micro_batches =
-            rank_stride(comm, first, accum_steps).map(|k| micro_batch(&stream, k, rows, seq_len, &device));
-        let lr_multiplier = schedule.multiplier(step);
-        let momentum = muon_momentum(step);
-        let stats = optimizer_step_on(
-            comm,
-            &model,
-            &mut optimizers,
-            &vars,
-            micro_batches,
-            rank_accum_steps,
-            args.stage.grad_clip,
-            lr_multiplier,
-            Some(momentum),
-        )
-        .with_context(|| format!("step {step}"))?;
-        let (loss, grad_norm) = (stats.loss, stats.grad_norm);
-        let dt = t0.elapsed().as_secs_f64();
-        let smooth_loss = ema.update(loss, step);
-        losses.push(loss);
-        loop_state.total_training_time += dt;
-        run_time += dt;
-        let tokens_per_sec = args.total_batch_size as f64 / dt;
-        pb.set_message(format!("loss {smooth_loss:.4} | lrm {lr_multiplier:.2} | {tokens_per_sec:.0} tok/s"));
-        pb.inc(1);
-        if root {
-            append_jsonl(
-                &metrics_path,
-                &json!({
-                    "step": step, "loss": loss, "smooth_loss": smooth_loss, "lr_multiplier": lr_multiplier,
-                    "muon_momentum": momentum, "grad_norm": grad_norm, "dt": dt, "tokens_per_sec": tokens_per_sec,
-                    "comm_seconds": stats.comm_seconds, "total_training_time": loop_state.total_training_time,
-                }),
-            )?;
-        }
-        step += 1;
+        let (stream, rows, seq_len, device) = (&self.stream, self.rows, self.seq_len, &self.device);
+        let batches = rank_stride(comm, step * self.accum_steps, self.accum_steps);
+        Box::new(batches.map(move |k| micro_batch(stream, k, rows, seq_len, device)))
     }
-    pb.finish();
-    let trained = (num_iterations - start_step) as f64;
-    let tokens_per_sec = if run_time > 0.0 { trained * args.total_batch_size as f64 / run_time } else { 0.0 };
-    Ok(TrainReport { start_step, losses, num_iterations, val_bpb: loop_state.val_bpb, tokens_per_sec })
+
+    fn validation_bpb(&mut self, model: &GPT, comm: &dyn Communicator) -> Result<f64> {
+        // Each rank evaluates its stride of the validation batches; the totals are added.
+        let (stream, rows, seq_len, device) = (&self.val_stream, self.rows, self.seq_len, &self.device);
+        let batches = rank_stride(comm, 0, self.val_batches).map(|k| micro_batch(stream, k, rows, seq_len, device));
+        evaluate_bpb_on(comm, model, batches, &self.token_bytes)
+    }
+
+    fn checkpoint_meta(&self, _comm: &dyn Communicator, _meta: &mut Meta) -> Result<()> {
+        // The data position is the step itself: the checkpoint needs no rank's loader state.
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -1,13 +1,15 @@
 //! Training stages (`base`: pretraining; `mid`: midtraining; `sft`: supervised finetuning; `rl`:
-//! reinforcement learning on GSM8K) and the pieces every stage shares: a gradient-accumulated
-//! optimizer step (data-parallel across ranks when given a communicator, with the optimizer state
-//! sharded across them), checkpoints of that state, validation bits per byte (split across ranks),
-//! greedy samples, the loss EMA, the metrics log, and loading the previous stage's checkpoint.
+//! reinforcement learning on GSM8K), the step loop base and mid share (`step_loop`), and the
+//! pieces every stage shares: a gradient-accumulated optimizer step (data-parallel across ranks
+//! when given a communicator, with the optimizer state sharded across them), checkpoints of that
+//! state (or of the weights alone), validation bits per byte (split across ranks; computed by
+//! `eval::loss`), greedy samples, the loss EMA, the metrics log and the progress bar.
 
 pub mod base;
 pub mod mid;
 pub mod rl;
 pub mod sft;
+pub mod step_loop;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -26,7 +28,8 @@ use crate::data::dataset::Split;
 use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::sources::{Dataset, Online, RemoteFile};
 use crate::dist::{all_gather_vars, broadcast_vars, reduce_grads_to_owners, Communicator, DistMode};
-use crate::model::{GPTConfig, Reduction, GPT};
+use crate::eval::evaluate_bpb_on;
+use crate::model::GPT;
 use crate::optim::{clip_grad_norm_on, setup_optimizers, OptimConfig, Optimizers};
 use crate::tasks::chat::ChatData;
 use crate::tasks::{DataRoot, Task};
@@ -65,77 +68,6 @@ pub fn forward_backward(
         bail!("the data ran out after {seen} of {accum_steps} micro-batches");
     }
     Ok((loss_sum / accum_steps as f64, grads))
-}
-
-/// Sums for bits per byte over one batch: (nats over counted targets, their bytes). A target
-/// counts if it is not -1 and its token has bytes (special tokens have none), as in the original.
-pub fn bpb_totals(per_token_nats: &[f32], targets: &[i64], token_bytes: &[u32]) -> Result<(f64, u64)> {
-    if per_token_nats.len() != targets.len() {
-        bail!("{} losses for {} targets", per_token_nats.len(), targets.len());
-    }
-    let (mut nats, mut bytes) = (0.0f64, 0u64);
-    for (&loss, &target) in per_token_nats.iter().zip(targets) {
-        if target < 0 {
-            continue;
-        }
-        let Some(&n) = token_bytes.get(target as usize) else {
-            bail!("target id {target} is outside the vocabulary of {} tokens", token_bytes.len());
-        };
-        if n > 0 {
-            nats += f64::from(loss);
-            bytes += u64::from(n);
-        }
-    }
-    Ok((nats, bytes))
-}
-
-/// Bits per byte of the model on the given (inputs, targets) batches: a loss that does not
-/// depend on the tokenizer's vocabulary, so runs with different tokenizers compare.
-pub fn evaluate_bpb(
-    model: &GPT,
-    batches: impl IntoIterator<Item = Result<(Tensor, Tensor)>>,
-    token_bytes: &[u32],
-) -> Result<f64> {
-    bits_per_byte(bpb_sums(model, batches, token_bytes)?)
-}
-
-/// [`evaluate_bpb`] on this rank's share of the batches: the (nats, bytes) totals are added
-/// across the ranks of `comm` before the division, so the result is that of all ranks' batches
-/// together, the same on every rank.
-pub fn evaluate_bpb_on(
-    comm: &dyn Communicator,
-    model: &GPT,
-    batches: impl IntoIterator<Item = Result<(Tensor, Tensor)>>,
-    token_bytes: &[u32],
-) -> Result<f64> {
-    let mut sums = bpb_sums(model, batches, token_bytes)?;
-    comm.all_reduce_sum_f64(&mut sums)?;
-    bits_per_byte(sums)
-}
-
-/// [`bpb_totals`] summed over batches, as `[nats, bytes]` (f64, so that ranks can add them).
-fn bpb_sums(
-    model: &GPT,
-    batches: impl IntoIterator<Item = Result<(Tensor, Tensor)>>,
-    token_bytes: &[u32],
-) -> Result<[f64; 2]> {
-    let (mut nats, mut bytes) = (0.0, 0u64);
-    for batch in batches {
-        let (x, y) = batch?;
-        let losses = model.loss(&x, &y, Reduction::PerToken)?.to_vec1::<f32>()?;
-        let targets = y.flatten_all()?.to_vec1::<i64>()?;
-        let (n, b) = bpb_totals(&losses, &targets, token_bytes)?;
-        nats += n;
-        bytes += b;
-    }
-    Ok([nats, bytes as f64])
-}
-
-fn bits_per_byte([nats, bytes]: [f64; 2]) -> Result<f64> {
-    if bytes == 0.0 {
-        bail!("no validation bytes to evaluate on: is the validation shard empty?");
-    }
-    Ok(nats / (std::f64::consts::LN_2 * bytes))
 }
 
 /// Bits per byte on up to `eval_tokens` tokens of the validation split (one pass at most), read
@@ -243,8 +175,36 @@ impl LossEma {
     }
 }
 
+/// A stage's metrics log, `metrics.jsonl` in its checkpoint directory: one JSON record per line,
+/// written by rank 0 only (on the other ranks appending does nothing).
+pub struct MetricsLog {
+    /// The log's path on rank 0; `None` elsewhere.
+    path: Option<PathBuf>,
+}
+
+impl MetricsLog {
+    /// The log in `dir` as one rank of `comm`, for a run that starts at `start_step`: the records
+    /// of steps from `start_step` on are dropped (see `drop_metrics_from`).
+    pub fn open(comm: &dyn Communicator, dir: &Path, start_step: usize) -> Result<MetricsLog> {
+        if !comm.is_root() {
+            return Ok(MetricsLog { path: None });
+        }
+        let path = dir.join("metrics.jsonl");
+        drop_metrics_from(&path, start_step)?;
+        Ok(MetricsLog { path: Some(path) })
+    }
+
+    /// Appends one record (on rank 0).
+    pub fn append(&self, value: &serde_json::Value) -> Result<()> {
+        match &self.path {
+            Some(path) => append_jsonl(path, value),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Appends one JSON line to `path` (the metrics log), creating the file and its directory.
-pub fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
+fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -364,20 +324,20 @@ pub fn update_on(
     Ok(Update { grad_norm, comm_seconds })
 }
 
-/// [`setup_optimizers`] as one rank of `comm`: the state restored from `state` when resuming (a
-/// checkpoint's, written by any number of processes), sharded across the ranks so that each keeps
-/// its own parameters' ([`Optimizers::shard`]), and the weights made rank 0's on every rank (they
-/// start in step whatever their initialisation or the file they read). Returns the optimizers and
-/// their parameters, in their order. `state` is taken so that the other ranks' part of it is
-/// freed here rather than held for the whole run.
+/// [`setup_optimizers`] for `model` as one rank of `comm`: the state restored from `state` when
+/// resuming (a checkpoint's, written by any number of processes), sharded across the ranks so that
+/// each keeps its own parameters' ([`Optimizers::shard`]), and the weights made rank 0's on every
+/// rank (they start in step whatever their initialisation or the file they read). Returns the
+/// optimizers and their parameters, in their order. `state` is taken so that the other ranks' part
+/// of it is freed here rather than held for the whole run.
 pub fn setup_optimizers_on(
     comm: &dyn Communicator,
-    config: &GPTConfig,
+    model: &GPT,
     varmap: &VarMap,
     hp: &OptimConfig,
     state: Option<HashMap<String, Tensor>>,
 ) -> Result<(Optimizers, Vec<Var>)> {
-    let mut optimizers = setup_optimizers(config, varmap, hp)?;
+    let mut optimizers = setup_optimizers(model, varmap, hp)?;
     optimizers.shard(comm.rank(), comm.world_size());
     if let Some(state) = state {
         optimizers.load_state_dict(&state).context("restoring the optimizer state")?;
@@ -416,6 +376,18 @@ pub fn save_checkpoint_on(
     Ok(())
 }
 
+/// Writes the weights-only checkpoint `meta` describes (the parameters of `varmap`, no optimizer
+/// state: the chat stages' final checkpoints) as one rank of `comm`: rank 0 writes (the weights are
+/// the same on every rank), then every rank waits at a barrier, so that none runs on (or reports
+/// success) before the checkpoint is complete.
+pub fn save_weights_on(comm: &dyn Communicator, dir: &Path, varmap: &VarMap, meta: &Meta) -> Result<()> {
+    if comm.is_root() {
+        crate::checkpoint::save(dir, &crate::checkpoint::varmap_tensors(varmap)?, None, meta)?;
+    }
+    comm.barrier()?;
+    Ok(())
+}
+
 /// The examples `range` of `task` (cut at its end) rendered to `(ids, mask)`, each cut to
 /// `max_tokens`; in parallel, in order.
 pub fn render_task(
@@ -442,7 +414,7 @@ pub fn loss_span(losses: &[f64]) -> (f64, f64) {
 /// Drops the metrics records of steps from `step` on: on resume, those of the interrupted run
 /// after its checkpoint, so that the log reads as one uninterrupted run; on a fresh start (step
 /// 0), those of an earlier run in the same directory, whose checkpoints get overwritten too.
-pub fn drop_metrics_from(path: &Path, step: usize) -> Result<()> {
+fn drop_metrics_from(path: &Path, step: usize) -> Result<()> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

@@ -43,8 +43,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    accumulate_grads, append_jsonl, drop_metrics_from, log_on, rank_progress_bar, setup_optimizers_on, update_on,
-    ChatStageArgs,
+    accumulate_grads, log_on, rank_progress_bar, save_weights_on, setup_optimizers_on, update_on, ChatStageArgs,
+    MetricsLog,
 };
 use crate::checkpoint::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
@@ -207,7 +207,7 @@ fn write_report_section(args: &RlArgs, report: &RlReport, seconds: f64) -> Resul
 }
 
 /// The model over `varmap`'s parameters, in an engine: sampling from it sees every update the
-/// optimizers make to those parameters.
+/// optimizers make to those parameters. Default (f32) kernels, as the policy being trained.
 fn policy_engine(config: &GPTConfig, varmap: &VarMap, tokenizer: &bpe::Tokenizer, device: &Device) -> Result<Engine> {
     let model = GPT::new(config, VarBuilder::from_varmap(varmap, DType::F32, device))?;
     Engine::new(model, tokenizer.clone())
@@ -237,7 +237,7 @@ pub fn train_on(
     out_dir: &Path,
     comm: &dyn Communicator,
 ) -> Result<RlReport> {
-    let (world, root) = (comm.world_size(), comm.is_root());
+    let world = comm.world_size();
     let rollout = &args.rollout;
     ensure!(
         rollout.device_batch_size > 0 && rollout.num_samples.is_multiple_of(rollout.device_batch_size),
@@ -260,14 +260,12 @@ pub fn train_on(
     }
     let device = Device::cuda_if_available(dist::local_rank())?;
     let config = init.meta.model_config.clone();
+    // The default (f32) kernels: this stage has no --bf16, and an earlier stage's choice stays with its model.
     let (model, varmap) = checkpoint::model_from_checkpoint(init, &device)?;
     let optim_config = args.stage.optim_config(args.init_lr_frac);
-    let (mut optimizers, vars) = setup_optimizers_on(comm, &config, &varmap, &optim_config, None)?;
+    let (mut optimizers, vars) = setup_optimizers_on(comm, &model, &varmap, &optim_config, None)?;
     let pad_id = tokenizer.special_id("<|assistant_end|>").context("the tokenizer has no <|assistant_end|>")?;
-    let metrics_path = out_dir.join("metrics.jsonl");
-    if root {
-        drop_metrics_from(&metrics_path, 0)?;
-    }
+    let metrics = MetricsLog::open(comm, out_dir, 0)?;
     let eval_problems = args.eval_examples.min(test_task.len());
 
     let pb = rank_progress_bar(comm, num_iterations, "rl train");
@@ -292,9 +290,7 @@ pub fn train_on(
             let shown: Vec<String> =
                 pass_at_k.iter().enumerate().map(|(k, p)| format!("pass@{} {p:.4}", k + 1)).collect();
             say(format!("step {step:05} | {} test problems: {}", eval_problems, shown.join(", ")));
-            if root {
-                append_jsonl(&metrics_path, &json!({ "step": step, "pass_at_k": pass_at_k }))?;
-            }
+            metrics.append(&json!({ "step": step, "pass_at_k": pass_at_k }))?;
         }
         if last_step {
             break;
@@ -324,15 +320,10 @@ pub fn train_on(
         rewards.push(stats.mean_reward);
         pb.set_message(format!("reward {:.3} | lrm {lr_multiplier:.2}", stats.mean_reward));
         pb.inc(1);
-        if root {
-            append_jsonl(
-                &metrics_path,
-                &json!({
-                    "step": step, "reward": stats.mean_reward, "sequence_length": stats.mean_length,
-                    "pg_loss": stats.loss, "lr_multiplier": lr_multiplier, "dt": dt,
-                }),
-            )?;
-        }
+        metrics.append(&json!({
+            "step": step, "reward": stats.mean_reward, "sequence_length": stats.mean_length,
+            "pg_loss": stats.loss, "lr_multiplier": lr_multiplier, "dt": dt,
+        }))?;
         let saving = args.save_every > 0 && (step + 1) % args.save_every == 0 && step + 1 < num_iterations;
         if saving {
             save_on(comm, args, init, &config, tokenizer, &varmap, step + 1, total_time, out_dir)?;
@@ -344,29 +335,11 @@ pub fn train_on(
     Ok(RlReport { rewards, num_iterations, pass_at_k })
 }
 
-/// [`save`] by rank 0 (the weights are the same on every rank), then a barrier: no rank moves on
-/// (or reports success) before the checkpoint is complete.
-#[allow(clippy::too_many_arguments)] // save's arguments and the communicator
+/// The weights-only checkpoint of `step` ([`save_weights_on`]: rank 0 writes, every rank waits
+/// until it is complete).
+#[allow(clippy::too_many_arguments)] // the run's state at a step; only the step changes between calls
 fn save_on(
     comm: &dyn Communicator,
-    args: &RlArgs,
-    init: &Checkpoint,
-    config: &GPTConfig,
-    tokenizer: &bpe::Tokenizer,
-    varmap: &VarMap,
-    step: usize,
-    total_time: f64,
-    out_dir: &Path,
-) -> Result<()> {
-    if comm.is_root() {
-        save(args, init, config, tokenizer, varmap, step, total_time, out_dir)?;
-    }
-    comm.barrier()?;
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)] // the run's state at a step; only the step changes between calls
-fn save(
     args: &RlArgs,
     init: &Checkpoint,
     config: &GPTConfig,
@@ -379,7 +352,7 @@ fn save(
     let mut meta = Meta::new(step, config.clone(), tokenizer.fingerprint());
     meta.loop_state = LoopState { total_training_time: total_time, ..LoopState::default() };
     meta.run_config = json!({ "args": args, "source": format!("{:?}", args.stage.model.source.unwrap_or(STARTS_FROM)), "source_step": init.meta.step });
-    checkpoint::save(out_dir, &checkpoint::varmap_tensors(varmap)?, None, &meta)
+    save_weights_on(comm, out_dir, varmap, &meta)
 }
 
 /// What one RL step saw.

@@ -39,8 +39,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{
-    accum_steps_per_rank, append_jsonl, drop_metrics_from, log_on, optimizer_step_on, rank_progress_bar, render_task,
-    setup_optimizers_on, ChatStageArgs, LossEma,
+    accum_steps_per_rank, log_on, optimizer_step_on, rank_progress_bar, render_task, save_weights_on,
+    setup_optimizers_on, ChatStageArgs, LossEma, MetricsLog,
 };
 use crate::checkpoint::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
@@ -267,7 +267,7 @@ pub fn train_on(
     out_dir: &Path,
     comm: &dyn Communicator,
 ) -> Result<SftReport> {
-    let (world, root) = (comm.world_size(), comm.is_root());
+    let world = comm.world_size();
     let device = Device::cuda_if_available(dist::local_rank())?;
     let model_config = init.meta.model_config.clone();
     let rows = args.device_batch_size;
@@ -298,13 +298,11 @@ pub fn train_on(
     }
     let pad_id = tokenizer.special_id("<|assistant_end|>").context("the tokenizer has no <|assistant_end|>")?;
 
+    // The default (f32) kernels: this stage has no --bf16, and an earlier stage's choice stays with its model.
     let (model, varmap) = checkpoint::model_from_checkpoint(init, &device)?;
     let optim_config = args.stage.optim_config(args.init_lr_frac);
-    let (mut optimizers, vars) = setup_optimizers_on(comm, &model_config, &varmap, &optim_config, None)?;
-    let metrics_path = out_dir.join("metrics.jsonl");
-    if root {
-        drop_metrics_from(&metrics_path, 0)?;
-    }
+    let (mut optimizers, vars) = setup_optimizers_on(comm, &model, &varmap, &optim_config, None)?;
+    let metrics = MetricsLog::open(comm, out_dir, 0)?;
 
     let pb = rank_progress_bar(comm, num_iterations, "sft train");
     let say = |line: String| log_on(comm, &pb, line);
@@ -323,9 +321,7 @@ pub fn train_on(
         if last_step || (args.eval_every > 0 && step % args.eval_every == 0) {
             val_loss = validation_loss(comm, &model, &val_conversations, val_steps, rows, pad_id)?;
             say(format!("step {step:05} | validation loss {val_loss:.4}"));
-            if root {
-                append_jsonl(&metrics_path, &json!({ "step": step, "val_loss": val_loss }))?;
-            }
+            metrics.append(&json!({ "step": step, "val_loss": val_loss }))?;
         }
         if last_step {
             break;
@@ -358,29 +354,19 @@ pub fn train_on(
         losses.push(loss);
         pb.set_message(format!("loss {smooth_loss:.4} | lrm {lr_multiplier:.2}"));
         pb.inc(1);
-        if root {
-            append_jsonl(
-                &metrics_path,
-                &json!({
-                    "step": step, "loss": loss, "smooth_loss": smooth_loss, "lr_multiplier": lr_multiplier,
-                    "grad_norm": grad_norm, "dt": dt, "comm_seconds": stats.comm_seconds,
-                }),
-            )?;
-        }
+        metrics.append(&json!({
+            "step": step, "loss": loss, "smooth_loss": smooth_loss, "lr_multiplier": lr_multiplier,
+            "grad_norm": grad_norm, "dt": dt, "comm_seconds": stats.comm_seconds,
+        }))?;
     }
     pb.finish();
-    // The weights are the same on every rank: rank 0's checkpoint is the run's.
-    if root {
-        let mut meta = Meta::new(num_iterations, model_config, tokenizer.fingerprint());
-        meta.loop_state =
-            LoopState { smooth_train_loss: ema.value, total_training_time: total_time, ..LoopState::default() };
-        meta.run_config = json!({ "args": args, "num_iterations": num_iterations,
-                                  "source": format!("{:?}", args.stage.model.source.unwrap_or(STARTS_FROM)), "source_step": init.meta.step,
-                                  "world_size": world });
-        checkpoint::save(out_dir, &checkpoint::varmap_tensors(&varmap)?, None, &meta)?;
-        say(format!("saved checkpoint in {}", out_dir.display()));
-    }
-    // No rank reports success before the checkpoint is complete.
-    comm.barrier()?;
+    let mut meta = Meta::new(num_iterations, model_config, tokenizer.fingerprint());
+    meta.loop_state =
+        LoopState { smooth_train_loss: ema.value, total_training_time: total_time, ..LoopState::default() };
+    meta.run_config = json!({ "args": args, "num_iterations": num_iterations,
+                              "source": format!("{:?}", args.stage.model.source.unwrap_or(STARTS_FROM)), "source_step": init.meta.step,
+                              "world_size": world });
+    save_weights_on(comm, out_dir, &varmap, &meta)?;
+    say(format!("saved checkpoint in {}", out_dir.display()));
     Ok(SftReport { losses, num_iterations, val_loss })
 }

@@ -11,14 +11,14 @@
 //! bf16 adjacent along k inside each 32-bit lane, so both operands are packed as pairs along k
 //! (one `u32` per pair, the lower k in the low half), an odd k padded with a zero.
 //!
-//! The kernels only run when the CPU has AVX-512 BF16 (checked at run time); [`set_bf16_matmul`]
-//! turns them on for the training products (`linear.rs`, `lm_head.rs`), which otherwise, and on
-//! other CPUs, keep the f32 GEMM.
+//! The kernels only run when the CPU has AVX-512 BF16 (checked at run time); a model whose
+//! [`super::Kernels`] ask for bf16 runs its training products (`linear.rs`, `lm_head.rs`, Muon's
+//! Newton-Schulz) on them ([`super::Gemm::Bf16`]), which otherwise, and on other CPUs, keep the
+//! f32 GEMM.
 
-// Off x86-64 only the switch and the rounding are used: the GEMM reports no support there.
+// Off x86-64 only the support check and the rounding are used: the GEMM reports no support there.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use candle_core::Result;
@@ -39,22 +39,6 @@ const MC_MAX: usize = 240;
 /// Column panels per epilogue tile: 240 rows × 256 columns × 4 bytes = 240 KiB, in L2 next to
 /// the packed A.
 const EPILOGUE_PANELS: usize = 8;
-
-/// Whether the training products use this GEMM (when the CPU can): off by default, so that numerics are
-/// those of the f32 path unless asked for.
-static ENABLED: AtomicBool = AtomicBool::new(false);
-
-/// Makes the training products (the blocks' projections and the lm_head, forward and backward)
-/// use the bf16 GEMM when the CPU has AVX-512 BF16, for every model in this process. Off, or on
-/// other CPUs, they stay f32.
-pub fn set_bf16_matmul(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
-}
-
-/// Whether the bf16 GEMM is both asked for ([`set_bf16_matmul`]) and supported by this CPU.
-pub fn bf16_matmul_active() -> bool {
-    ENABLED.load(Ordering::Relaxed) && bf16_supported()
-}
 
 /// Whether this CPU runs the bf16 GEMM (AVX-512 F, BW, VL and BF16), detected once.
 pub fn bf16_supported() -> bool {

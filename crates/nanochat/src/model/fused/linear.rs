@@ -1,6 +1,6 @@
 //! The transformer blocks' projections, `y = x · Wᵀ` with W (out, in) as torch's `Linear`, forward
-//! and backward on the CPU through the crate's GEMM switch: f32 (the `gemm` crate) by default, the
-//! AVX-512 BF16 GEMM when [`super::set_bf16_matmul`] is on and the CPU has it. That is torch's
+//! and backward on the CPU on the model's training GEMM ([`super::Gemm`]): f32 (the `gemm` crate)
+//! by default, the AVX-512 BF16 GEMM for a model whose kernels ask for it. That is torch's
 //! autocast: the operands of the products rounded to bf16, accumulation, outputs, master weights
 //! and gradients in f32.
 //!
@@ -9,16 +9,16 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::{f32_slice, matmul, with_f32, Mat};
+use super::{f32_slice, matmul, with_f32, Gemm, Mat};
 
-/// `x (N, in) · wᵀ` with `w (out, in)`, on the training GEMM ([`super::bf16_matmul_active`]).
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x (N, in) · wᵀ` with `w (out, in)`, forward and backward on `gemm`.
+pub fn linear(x: &Tensor, w: &Tensor, gemm: Gemm) -> Result<Tensor> {
     let x = x.contiguous()?;
     let w = w.contiguous()?;
-    x.apply_op2(&w, Linear)
+    x.apply_op2(&w, Linear(gemm))
 }
 
-struct Linear;
+struct Linear(Gemm);
 
 /// (N, in, out) of the operands, checked.
 fn dims(x: &Shape, w: &Shape) -> Result<(usize, usize, usize)> {
@@ -39,7 +39,7 @@ impl CustomOp2 for Linear {
         let (n, c, out) = dims(l1.shape(), l2.shape())?;
         let (x, w) = (f32_slice(s1, l1, "linear", "x")?, f32_slice(s2, l2, "linear", "weight")?);
         let mut y = vec![0f32; n * out];
-        matmul(n, out, c, &mut y, out, Mat { data: x, rs: c, cs: 1 }, Mat { data: w, rs: 1, cs: c })?;
+        matmul(self.0, n, out, c, &mut y, out, Mat { data: x, rs: c, cs: 1 }, Mat { data: w, rs: 1, cs: c })?;
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -58,10 +58,10 @@ impl CustomOp2 for Linear {
         let mut dw = vec![0f32; out * c];
         with_f32(grad_res, "linear", "gradient", |dy| {
             with_f32(w, "linear", "weight", |wv| {
-                matmul(n, c, out, &mut dx, c, Mat { data: dy, rs: out, cs: 1 }, Mat { data: wv, rs: c, cs: 1 })
+                matmul(self.0, n, c, out, &mut dx, c, Mat { data: dy, rs: out, cs: 1 }, Mat { data: wv, rs: c, cs: 1 })
             })?;
             with_f32(x, "linear", "x", |xv| {
-                matmul(out, c, n, &mut dw, c, Mat { data: dy, rs: 1, cs: out }, Mat { data: xv, rs: c, cs: 1 })
+                matmul(self.0, out, c, n, &mut dw, c, Mat { data: dy, rs: 1, cs: out }, Mat { data: xv, rs: c, cs: 1 })
             })
         })?;
         let dev = x.device();

@@ -11,55 +11,69 @@
 //! softmax needs no max pass, `softmax(z) = e / S` with `e = exp(z − c)`, `S = Σ e`. The row keeps
 //! `G' = S G`, and 1 / S is folded into the per-row scales the backward applies anyway: with g the
 //! per-token upstream gradient, dx = diag(g / S) G' W and dW = G'ᵀ diag(g / S) x. G' is never
-//! rescaled, and the buffer goes back to the pool for the next step.
+//! rescaled, and the buffer goes back to the model's [`LogitsPool`] for the next step.
 //!
 //! These three products are about two thirds of a training step's matmul FLOPs at the benchmark
-//! shape; with [`super::set_bf16_matmul`] on and a CPU with AVX-512 BF16 they run on the bf16
-//! GEMM (operands rounded to bf16, f32 accumulation, twice the f32 rate). Everything else here,
-//! the logits buffer, the softmax and G, stays f32.
+//! shape; on [`super::Gemm::Bf16`] (a model whose kernels ask for bf16, on a CPU with AVX-512
+//! BF16) they run on the bf16 GEMM (operands rounded to bf16, f32 accumulation, twice the f32
+//! rate). Everything else here, the logits buffer, the softmax and G, stays f32.
 
 use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, matmul, matmul_then, simd, with_f32, Mat};
+use super::{f32_slice, matmul, matmul_then, simd, with_f32, Gemm, Mat};
 
-/// The logits buffer of the last step, kept for the next one (one at most: training needs one).
-static POOL: Mutex<Option<Vec<f32>>> = Mutex::new(None);
+/// The logits buffer of a model's last step, kept for its next one (one at most: training needs
+/// one). Each model holds its own (clones share it), so models never hand buffers to each other.
+#[derive(Clone, Default)]
+pub struct LogitsPool(Arc<Mutex<Option<Vec<f32>>>>);
 
-/// A buffer of exactly `n` values (contents unspecified), from the pool when it is large enough.
-fn take_buffer(n: usize) -> Vec<f32> {
-    let pooled = POOL.lock().ok().and_then(|mut p| p.take());
-    match pooled {
-        Some(mut buf) if buf.capacity() >= n => {
-            buf.resize(n, 0.0);
-            buf.truncate(n);
-            buf
+impl LogitsPool {
+    /// A buffer of exactly `n` values (contents unspecified), from the pool when it is large enough.
+    fn take(&self, n: usize) -> Vec<f32> {
+        let pooled = self.0.lock().ok().and_then(|mut p| p.take());
+        match pooled {
+            Some(mut buf) if buf.capacity() >= n => {
+                buf.resize(n, 0.0);
+                buf.truncate(n);
+                buf
+            }
+            _ => vec![0f32; n],
         }
-        _ => vec![0f32; n],
     }
-}
 
-fn return_buffer(buf: Vec<f32>) {
-    if let Ok(mut p) = POOL.lock() {
-        *p = Some(buf);
+    fn give_back(&self, buf: Vec<f32>) {
+        if let Ok(mut p) = self.0.lock() {
+            *p = Some(buf);
+        }
     }
 }
 
 /// Per-token softcapped cross-entropy of `x (N, C) · wᵀ` with `w (V, C)` the lm_head weight,
-/// against `targets (N,)` (-1 = ignored, loss 0). Returns the losses (N,).
-pub fn lm_head_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, cap: f32) -> Result<Tensor> {
+/// against `targets (N,)` (-1 = ignored, loss 0), its products on `gemm` and its logits buffer
+/// from `pool`. Returns the losses (N,).
+pub fn lm_head_cross_entropy(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    cap: f32,
+    gemm: Gemm,
+    pool: &LogitsPool,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     let w = w.contiguous()?;
     let targets = targets.to_dtype(DType::I64)?.contiguous()?;
-    x.apply_op3(&w, &targets, LmHeadCrossEntropy { cap, grad: Mutex::new(None) })
+    x.apply_op3(&w, &targets, LmHeadCrossEntropy { cap, gemm, pool: pool.clone(), grad: Mutex::new(None) })
 }
 
 struct LmHeadCrossEntropy {
     cap: f32,
+    gemm: Gemm,
+    pool: LogitsPool,
     /// G' (N × V) and 1 / S per row from the forward (G = diag(1 / S) G'), consumed by the
     /// backward.
     grad: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
@@ -70,7 +84,7 @@ impl Drop for LmHeadCrossEntropy {
         // A forward without backward (evaluation) still hands its buffer back.
         if let Ok(mut g) = self.grad.lock() {
             if let Some((buf, _)) = g.take() {
-                return_buffer(buf);
+                self.pool.give_back(buf);
             }
         }
     }
@@ -119,7 +133,7 @@ impl CustomOp3 for LmHeadCrossEntropy {
                 t => candle_core::bail!("{op}: target {t} outside the vocabulary of {v}"),
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut buf = take_buffer(n * v);
+        let mut buf = self.pool.take(n * v);
         let cap = self.cap;
         // Per row, S so far and z at the target, as f32 bits: a row's tiles all come from one
         // thread, the atomics only let the shared epilogue write them.
@@ -142,7 +156,7 @@ impl CustomOp3 for LmHeadCrossEntropy {
             }
         };
         let (xm, wm) = (Mat { data: x, rs: c, cs: 1 }, Mat { data: w, rs: 1, cs: c });
-        matmul_then(n, v, c, &mut buf, v, xm, wm, Some(&score))?;
+        matmul_then(self.gemm, n, v, c, &mut buf, v, xm, wm, Some(&score))?;
         let mut losses = vec![0f32; n];
         // 1 / S per row: G = diag(1 / S) G', and the backward folds it into its row scales
         let mut inv_sums = vec![0f32; n];
@@ -178,7 +192,7 @@ impl CustomOp3 for LmHeadCrossEntropy {
         let result = with_f32(w, op, "weight", |wv| {
             // dx = diag(g / S) (G' W)
             let mut dx = vec![0f32; n * c];
-            matmul(n, c, v, &mut dx, c, Mat { data: &g_buf, rs: v, cs: 1 }, Mat { data: wv, rs: c, cs: 1 })?;
+            matmul(self.gemm, n, c, v, &mut dx, c, Mat { data: &g_buf, rs: v, cs: 1 }, Mat { data: wv, rs: c, cs: 1 })?;
             dx.par_chunks_mut(c).zip(g.par_iter()).for_each(|(row, &gi)| row.iter_mut().for_each(|d| *d *= gi));
             // dW = G'ᵀ (diag(g / S) x)
             let xs = with_f32(x, op, "x", |xv| {
@@ -189,10 +203,19 @@ impl CustomOp3 for LmHeadCrossEntropy {
                     .collect::<Vec<f32>>())
             })?;
             let mut dw = vec![0f32; v * c];
-            matmul(v, c, n, &mut dw, c, Mat { data: &g_buf, rs: 1, cs: v }, Mat { data: &xs, rs: c, cs: 1 })?;
+            matmul(
+                self.gemm,
+                v,
+                c,
+                n,
+                &mut dw,
+                c,
+                Mat { data: &g_buf, rs: 1, cs: v },
+                Mat { data: &xs, rs: c, cs: 1 },
+            )?;
             Ok((dx, dw))
         });
-        return_buffer(g_buf);
+        self.pool.give_back(g_buf);
         let (dx, dw) = result?;
         let dev = x.device();
         Ok((Some(Tensor::from_vec(dx, (n, c), dev)?), Some(Tensor::from_vec(dw, (v, c), dev)?), None))

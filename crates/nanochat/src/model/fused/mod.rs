@@ -11,7 +11,12 @@
 //! - `cross_entropy`: softcap + cross-entropy over the vocabulary
 //! - `lm_head`: the lm_head projection fused with softcap + cross-entropy (one reused logits buffer)
 //! - `linear`: the blocks' projections, forward and backward, on the training GEMM
-//! - `gemm_bf16`: an AVX-512 BF16 GEMM the training products can use ([`set_bf16_matmul`])
+//! - `gemm_bf16`: an AVX-512 BF16 GEMM the training products can use ([`Gemm::Bf16`])
+//!
+//! Whether a model runs these kernels at all, and on which GEMM, is a value, [`Kernels`], that
+//! each command picks from its flags and hands to the model and its optimizers: nothing here is a
+//! process-wide switch, so two models (a bf16 training stage, then an f32 one; a fused and a
+//! composed model in one test) never see each other's choice.
 
 mod attention;
 mod cross_entropy;
@@ -23,16 +28,12 @@ mod relu2;
 mod rope;
 mod simd;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 pub use attention::causal_attention;
 pub use cross_entropy::softcap_cross_entropy;
-pub use gemm_bf16::{
-    bf16_matmul_active, bf16_supported, gemm_bf16, gemm_bf16_then, round_bf16, set_bf16_matmul, Epilogue,
-};
+pub use gemm_bf16::{bf16_supported, gemm_bf16, gemm_bf16_then, round_bf16, Epilogue};
 
 /// `cap * tanh(x / cap)` in place, vectorised (AVX2 + FMA when the CPU has them): the softcap the
 /// lm_head kernels apply, shared with the native decode path.
@@ -40,23 +41,52 @@ pub fn softcap_in_place(xs: &mut [f32], cap: f32) {
     simd::softcap_max(xs, cap);
 }
 pub use linear::linear;
-pub use lm_head::lm_head_cross_entropy;
+pub use lm_head::{lm_head_cross_entropy, LogitsPool};
 pub use norm::rms_norm;
 pub use relu2::relu_squared;
 pub use rope::rope_qk_norm;
 
-/// Whether the model uses the fused kernels on the CPU (on by default). Off, it runs the unfused
-/// candle composition: for benchmarks (`nanochat bench train --unfused`) and for debugging.
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Turns the fused kernels on or off for every model in this process.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
+/// Which kernels a model and its optimizers run on the CPU, chosen per command from its flags
+/// (`--unfused`, `--bf16`) and held by the model ([`crate::model::GPT::kernels`]) and the optimizers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kernels {
+    /// The fused kernels of this module and the optimizers' one-pass updates (the default). Off:
+    /// the candle composition of `ops.rs`, for benchmarks (`nanochat bench train --unfused`) and
+    /// for debugging.
+    pub fused: bool,
+    /// The training GEMMs (the blocks' projections, the lm_head, Muon's Newton-Schulz) on AVX-512
+    /// BF16 (operands rounded to bf16, f32 accumulation), where the CPU has it and `fused` is on.
+    /// Off by default, so that numerics are those of the f32 path unless asked for.
+    pub bf16: bool,
 }
 
-/// Whether the fused kernels are on (see [`set_enabled`]).
-pub fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
+impl Default for Kernels {
+    fn default() -> Self {
+        Kernels { fused: true, bf16: false }
+    }
+}
+
+impl Kernels {
+    /// The GEMM the fused training products run on: bf16 when asked for, fused, and supported by
+    /// this CPU ([`bf16_supported`]); f32 otherwise.
+    pub fn gemm(self) -> Gemm {
+        if self.fused && self.bf16 && bf16_supported() {
+            Gemm::Bf16
+        } else {
+            Gemm::F32
+        }
+    }
+}
+
+/// The GEMM of the training products (`matmul`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Gemm {
+    /// f32 operands, the `gemm` crate.
+    #[default]
+    F32,
+    /// Operands rounded to bf16, f32 accumulation ([`gemm_bf16`]): an error on a CPU without
+    /// AVX-512 BF16, so pick it through [`Kernels::gemm`].
+    Bf16,
 }
 
 /// A read-only matrix view for the GEMMs (`gemm` and [`gemm_bf16`]): element (i, j) at
@@ -157,16 +187,27 @@ pub(crate) fn gemm_parallel(
     gemm_with(m, n, k, dst, dst_rs, a, b, scale, false, gemm::Parallelism::Rayon(rayon::current_num_threads()))
 }
 
-/// `dst (m x n, row stride dst_rs) = a (m x k) · b (k x n)` on all threads, the training GEMM:
-/// the bf16 one when it is on and the CPU has it ([`bf16_matmul_active`]), the f32 one otherwise.
-pub(crate) fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: Mat, b: Mat) -> Result<()> {
-    matmul_then(m, n, k, dst, dst_rs, a, b, None)
+/// `dst (m x n, row stride dst_rs) = a (m x k) · b (k x n)` on all threads, on the training GEMM
+/// `gemm`.
+#[allow(clippy::too_many_arguments)] // the BLAS shape, and which GEMM
+pub(crate) fn matmul(
+    gemm: Gemm,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat,
+    b: Mat,
+) -> Result<()> {
+    matmul_then(gemm, m, n, k, dst, dst_rs, a, b, None)
 }
 
 /// [`matmul`], then `epilogue` over every tile of the product (see [`gemm_bf16::Epilogue`]): on
 /// tiles still in cache with the bf16 GEMM, on whole rows after the f32 one.
-#[allow(clippy::too_many_arguments)] // the BLAS shape, and the epilogue
+#[allow(clippy::too_many_arguments)] // the BLAS shape, which GEMM, and the epilogue
 pub(crate) fn matmul_then(
+    gemm: Gemm,
     m: usize,
     n: usize,
     k: usize,
@@ -176,7 +217,7 @@ pub(crate) fn matmul_then(
     b: Mat,
     epilogue: Option<Epilogue>,
 ) -> Result<()> {
-    if bf16_matmul_active() {
+    if gemm == Gemm::Bf16 {
         return gemm_bf16_then(m, n, k, dst, dst_rs, a, b, 1.0, false, epilogue);
     }
     gemm_parallel(m, n, k, dst, dst_rs, a, b, 1.0)?;

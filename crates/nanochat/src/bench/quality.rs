@@ -1,13 +1,14 @@
 //! What a [`DecodeModel`]'s weight format costs in prediction quality: mean next-token loss (nats)
 //! and bits per byte over token rows, computed with the native path itself
-//! ([`DecodeModel::prefill_logits`]), so an f32, a bf16 and an int8 copy of one checkpoint compare
-//! on the same tokens (`nanochat bench decode --quality N`).
+//! ([`DecodeModel::prefill_logits`]) and the evaluation's bits per byte ([`BpbTotals`]), so an
+//! f32, a bf16 and an int8 copy of one checkpoint compare on the same tokens
+//! (`nanochat bench decode --quality N`).
 
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
-use super::DecodeModel;
 use crate::eval::BpbTotals;
+use crate::model::decode::DecodeModel;
 
 /// Loss and bits per byte of a model over some rows.
 #[derive(Debug, Clone, Copy, PartialEq)]
