@@ -52,7 +52,7 @@ fn fixture_engine() -> Result<Engine> {
 
 fn options(max_problems: usize) -> ChatEvalOptions {
     ChatEvalOptions {
-        data_dir: shared().join("data"),
+        data: DataRoot::new(shared().join("data")),
         max_problems: Some(max_problems),
         max_new_tokens: 24,
         batch_size: 2,

@@ -113,6 +113,7 @@ fn options(server: &Server, dir: &Path, shards: &[usize], attempts: u32) -> Down
         workers: 2,
         attempts,
         backoff: Duration::from_millis(10),
+        hub: None,
     }
 }
 
@@ -227,6 +228,7 @@ fn the_download_command_takes_shards_from_a_mirror() {
         num_shards: None,
         base_url: "http://127.0.0.1:9/unused".into(),
         from: Some(mirror.path().to_path_buf()),
+        data_dir: None,
         workers: 1,
         attempts: 1,
         dir: Some(dest.path().to_path_buf()),

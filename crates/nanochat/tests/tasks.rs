@@ -36,7 +36,7 @@ fn words() -> Arc<[String]> {
 
 fn sharegpt_train() -> &'static ChatData {
     static DATA: OnceLock<ChatData> = OnceLock::new();
-    DATA.get_or_init(|| ChatData::sharegpt(&root(), "train").unwrap())
+    DATA.get_or_init(|| ChatData::load(&root(), "train").unwrap())
 }
 
 fn text(message: &Message) -> &str {
@@ -72,7 +72,7 @@ fn lengths_match_the_mirror() {
     assert_eq!(Gsm8k::load(&r, "test").unwrap().len(), 1319);
     assert_eq!(sharegpt_train().len(), 16422);
     assert_eq!(sharegpt_train().skipped(), 0);
-    let test = ChatData::sharegpt(&r, "test").unwrap();
+    let test = ChatData::load(&r, "test").unwrap();
     assert_eq!((test.len(), test.skipped()), (864, 0));
     assert_eq!(words().len(), 370_099);
     assert!(words().iter().all(|w| !w.contains('\r') && !w.is_empty()));
@@ -261,7 +261,7 @@ fn every_task_renders() {
         Arc::new(ArcTask::load(&r, ArcSubset::Challenge, "test").unwrap()),
         Arc::new(Mmlu::load(&r, "validation").unwrap()),
         Arc::new(Gsm8k::load(&r, "test").unwrap()),
-        Arc::new(ChatData::sharegpt(&r, "test").unwrap()),
+        Arc::new(ChatData::load(&r, "test").unwrap()),
         Arc::new(SpellingBee::new(words(), 1000, Split::Test)),
         Arc::new(SimpleSpelling::new(words(), 1000, Split::Train)),
         Arc::new(Identity::new(1000, 0)),

@@ -117,7 +117,13 @@ impl Shard {
     /// The documents of row group `index`, nulls skipped. Invalid UTF-8 is replaced rather than
     /// fatal: one bad document should not stop a training run.
     pub fn read_texts(&self, index: usize) -> Result<Vec<String>> {
-        let context = || format!("reading row group {index} of {}", self.path.display());
+        let context = || {
+            format!(
+                "reading row group {index} of {}: the file is damaged (a corrupt page); delete it and download \
+                 it again (`nanochat data download`), or build it again",
+                self.path.display()
+            )
+        };
         let row_group = self.reader.get_row_group(index).with_context(context)?;
         let rows = usize::try_from(row_group.metadata().num_rows()).unwrap_or(0);
         let column = row_group.get_column_reader(self.text_column).with_context(context)?;
@@ -126,12 +132,17 @@ impl Shard {
         };
         let mut values: Vec<ByteArray> = Vec::with_capacity(rows);
         let mut levels = Vec::with_capacity(rows);
-        loop {
-            let (records, _, _) =
-                column.read_records(ROW_GROUP_DOCS, Some(&mut levels), None, &mut values).with_context(context)?;
-            if records == 0 {
-                break;
+        // The decoders panic on some corrupt pages rather than failing: contain that.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+            match column.read_records(ROW_GROUP_DOCS, Some(&mut levels), None, &mut values) {
+                Ok((0, _, _)) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
             }
+        }));
+        match read {
+            Ok(result) => result.with_context(context)?,
+            Err(_) => bail!("{}: the parquet decoder failed", context()),
         }
         Ok(values.iter().map(|v| String::from_utf8_lossy(v.data()).into_owned()).collect())
     }
