@@ -29,8 +29,10 @@ const PIPELINE: [&str; 10] = [
     "chat_eval_rl",
 ];
 
-/// Rows of the summary table: `CORE` comes from `base_eval`, the rest from `chat_eval_<stage>`.
-const TABLE_ROWS: [&str; 7] = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"];
+/// Rows of the summary table: `Val bpb` comes from `base_eval` (else `base_train`) and `mid_train`,
+/// `CORE` from `base_eval`, the rest from `chat_eval_<stage>`: every task the chat evals run.
+const TABLE_ROWS: [&str; 9] =
+    ["Val bpb", "CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE"];
 const TABLE_STAGES: [&str; 4] = ["base", "mid", "sft", "rl"];
 
 /// One stage's contribution to the report, as stored in `report/<name>.json`.
@@ -150,10 +152,11 @@ pub fn generate(base: &Path) -> Result<PathBuf> {
     md.push_str(&environment());
     md.push_str("\n## Summary\n\n");
     md.push_str(&summary_table(&sections));
+    md.push_str(&summary_notes(&sections));
     let curves = loss_curves(base)?;
     if !curves.is_empty() {
         write_atomic(&dir.join("loss.svg"), loss_svg(&curves).as_bytes())?;
-        md.push_str("\n## Training loss\n\n![training loss](loss.svg)\n");
+        md.push_str("\n## Training curves\n\n![training loss](loss.svg)\n");
     }
     for section in &sections {
         let _ = write!(md, "\n## {}\n\n", section.name);
@@ -162,6 +165,9 @@ pub fn generate(base: &Path) -> Result<PathBuf> {
         }
         md.push_str(section.markdown.trim_end());
         md.push('\n');
+        if let Some(rewards) = section.metrics.get("rewards").and_then(Value::as_array) {
+            md.push_str(&rewards_by_step(rewards));
+        }
     }
     let path = dir.join("report.md");
     write_atomic(&path, md.as_bytes())?;
@@ -173,6 +179,11 @@ pub fn summary_table(sections: &[Section]) -> String {
     let find = |name: &str| sections.iter().find(|s| s.name == name).map(|s| &s.metrics);
     let cell = |row: &str, stage: &str| -> Option<f64> {
         match row {
+            "Val bpb" if stage == "base" => find("base_eval")
+                .and_then(|m| m.get("val_bpb")?.as_f64())
+                .or_else(|| find("base_train")?.get("val_bpb")?.as_f64()),
+            "Val bpb" if stage == "mid" => find("mid_train")?.get("val_bpb")?.as_f64(),
+            "Val bpb" => None,
             "CORE" if stage == "base" => find("base_eval")?.get("core")?.as_f64(),
             "CORE" => None,
             "ChatCORE" => find(&format!("chat_eval_{stage}"))?.get("chatcore")?.as_f64(),
@@ -188,6 +199,64 @@ pub fn summary_table(sections: &[Section]) -> String {
         let _ = writeln!(table, "| {row} | {} |", cells.join(" | "));
     }
     table
+}
+
+/// RL's mean reward at every step (every k-th step of a long run, so the line stays readable).
+fn rewards_by_step(rewards: &[Value]) -> String {
+    let every = rewards.len().div_ceil(50).max(1);
+    let cells: Vec<String> = rewards
+        .iter()
+        .enumerate()
+        .step_by(every)
+        .map(|(step, r)| format!("{step}: {}", r.as_f64().map_or_else(|| "-".to_string(), |r| format!("{r:.3}"))))
+        .collect();
+    let which = if every == 1 { "every step".to_string() } else { format!("every {every}th step") };
+    format!("- mean reward per step ({which}): {}\n", cells.join(", "))
+}
+
+/// What the table's numbers mean where that is not obvious, and what went wrong: which
+/// validation bits per byte are shown (base training and base eval may measure different amounts of
+/// text; midtraining's are on the chat mixture, not the pretraining shards), and RL's rewards.
+pub fn summary_notes(sections: &[Section]) -> String {
+    let find = |name: &str| sections.iter().find(|s| s.name == name).map(|s| &s.metrics);
+    let number = |section: &str, key: &str| find(section).and_then(|m| m.get(key)?.as_f64());
+    let tokens = |section: &str| {
+        number(section, "eval_tokens")
+            .map_or_else(String::new, |t| format!(" over up to {} validation tokens", t as u64))
+    };
+    let mut notes = String::new();
+    match (number("base_eval", "val_bpb"), number("base_train", "val_bpb")) {
+        (Some(eval), Some(train)) => {
+            let _ = writeln!(
+                notes,
+                "- Val bpb, BASE: {eval:.4} from base eval{}; base training measured {train:.4}{} at its last                  step (the two differ by the amount of validation text they read).",
+                tokens("base_eval"),
+                tokens("base_train")
+            );
+        }
+        (None, Some(_)) => notes.push_str("- Val bpb, BASE: from base training's last evaluation.\n"),
+        _ => {}
+    }
+    if number("mid_train", "val_bpb").is_some() {
+        notes.push_str("- Val bpb, MID: on midtraining's held-out chat mixture, not the pretraining text.\n");
+    }
+    if let Some(rewards) = find("rl_train").and_then(|m| m.get("rewards")?.as_array().cloned()) {
+        let rewards: Vec<f64> = rewards.iter().filter_map(Value::as_f64).collect();
+        if !rewards.is_empty() && rewards.iter().all(|&r| r == 0.0) {
+            let _ = writeln!(
+                notes,
+                "- **RL learned nothing: the mean reward was 0 at every one of its {} steps**, so every advantage \
+                 was 0 and the RL weights equal the SFT weights. The model must solve some training problems \
+                 before RL can reinforce anything: train a bigger model or longer, or sample more completions.",
+                rewards.len()
+            );
+        }
+    }
+    if notes.is_empty() {
+        notes
+    } else {
+        format!("\n{notes}")
+    }
 }
 
 /// The machine the pipeline ran on, the commit and the date.
@@ -244,11 +313,13 @@ fn format_duration(seconds: f64) -> String {
     }
 }
 
-/// One training run's loss by step: `(label, points)`.
+/// One training run's curve by step: `(label, points)`. The label ends in what is plotted when it
+/// is not the loss (RL's mean reward).
 pub type Curve = (String, Vec<(f64, f64)>);
 
-/// The loss curves of every `*_checkpoints/<tag>/metrics.jsonl` under `base`, labelled
-/// `<stage>/<tag>`; the smoothed loss where logged, else the raw one.
+/// The training curves of every `*_checkpoints/<tag>/metrics.jsonl` under `base`, labelled
+/// `<stage>/<tag>`: the smoothed loss where logged, else the raw one; for RL, whose loss is a
+/// policy-gradient surrogate with no meaning of its own, the mean reward.
 pub fn loss_curves(base: &Path) -> Result<Vec<Curve>> {
     let mut curves = Vec::new();
     let Ok(entries) = std::fs::read_dir(base) else { return Ok(curves) };
@@ -256,7 +327,11 @@ pub fn loss_curves(base: &Path) -> Result<Vec<Curve>> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().ends_with("_checkpoints")))
         .collect();
-    stage_dirs.sort();
+    stage_dirs.sort_by_key(|d| {
+        let order = ["base_checkpoints", "mid_checkpoints", "chatsft_checkpoints", "chatrl_checkpoints"];
+        let name = d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        (order.iter().position(|&o| o == name).unwrap_or(order.len()), name)
+    });
     for stage_dir in stage_dirs {
         let mut runs: Vec<PathBuf> = std::fs::read_dir(&stage_dir)
             .with_context(|| format!("listing {}", stage_dir.display()))?
@@ -266,80 +341,115 @@ pub fn loss_curves(base: &Path) -> Result<Vec<Curve>> {
         runs.sort();
         for metrics in runs {
             let text = std::fs::read_to_string(&metrics).with_context(|| format!("reading {}", metrics.display()))?;
-            let points: Vec<(f64, f64)> = text
-                .lines()
-                .filter_map(|line| {
-                    let v: Value = serde_json::from_str(line).ok()?;
-                    let loss = v.get("smooth_loss").or_else(|| v.get("loss")).or_else(|| v.get("train_loss"))?;
-                    Some((v.get("step")?.as_f64()?, loss.as_f64()?))
+            let records: Vec<Value> = text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect();
+            let is_rl = records.iter().any(|v| v.get("reward").is_some());
+            let points: Vec<(f64, f64)> = records
+                .iter()
+                .filter_map(|v| {
+                    let y = if is_rl {
+                        v.get("reward")?
+                    } else {
+                        v.get("smooth_loss").or_else(|| v.get("loss")).or_else(|| v.get("train_loss"))?
+                    };
+                    Some((v.get("step")?.as_f64()?, y.as_f64()?))
                 })
-                .filter(|(_, loss)| loss.is_finite())
+                .filter(|(_, y)| y.is_finite())
                 .collect();
             if !points.is_empty() {
                 let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 let stage = name(&stage_dir).trim_end_matches("_checkpoints").to_string();
                 let tag = metrics.parent().map(name).unwrap_or_default();
-                curves.push((format!("{stage}/{tag}"), points));
+                let what = if is_rl { " mean reward" } else { "" };
+                curves.push((format!("{stage}/{tag}{what}"), points));
             }
         }
     }
     Ok(curves)
 }
 
-/// A line plot of `curves` as a standalone SVG: axes with their ranges, one polyline per curve
-/// and a legend. Written by hand: a plotting crate would cost more build time than this.
+/// About six round tick values covering `[lo, hi]` (steps of 1, 2 or 5 times a power of ten).
+fn ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let raw = (hi - lo) / 5.0;
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * magnitude).find(|&s| s >= raw).unwrap_or(raw);
+    // a hair of slack, so that an end that is a multiple of the step is not lost to rounding
+    let first = (lo / step - 1e-9).ceil() as i64;
+    let last = (hi / step + 1e-9).floor() as i64;
+    (first..=last).map(|i| i as f64 * step).collect()
+}
+
+/// A tick value written as briefly as its step allows.
+fn tick_label(value: f64, step: f64) -> String {
+    let decimals = if step >= 1.0 { 0 } else { (-step.log10().floor()) as usize };
+    format!("{value:.decimals$}")
+}
+
+/// The curves as a standalone SVG, one panel per run stacked vertically (runs of different stages
+/// have different step ranges and loss scales), each with round-valued ticks and grid lines on both
+/// axes and its own title. Written by hand: a plotting crate would cost more build time than this.
 pub fn loss_svg(curves: &[Curve]) -> String {
     const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
-    let (w, h, left, right, top, bottom) = (720.0, 420.0, 70.0, 20.0, 20.0, 50.0);
-    let points = curves.iter().flat_map(|(_, p)| p.iter());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
-        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
-    }
-    // a single point or a flat line still needs a non-empty range to scale by
-    if x1 <= x0 {
-        x1 = x0 + 1.0;
-    }
-    if y1 <= y0 {
-        y1 = y0 + 1.0;
-    }
-    let px = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
-    let py = |y: f64| top + (y1 - y) / (y1 - y0) * (h - top - bottom);
+    let (w, panel_h, left, right, top, bottom) = (720.0, 240.0, 70.0, 20.0, 30.0, 45.0);
+    let h = panel_h * curves.len().max(1) as f64;
     let mut svg = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" \
          height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n\
-         <rect x=\"{left}\" y=\"{top}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"black\"/>\n",
-        w - left - right,
-        h - top - bottom
-    );
-    let (xb, yb) = (h - bottom, left);
-    let _ = writeln!(svg, "<text x=\"{left}\" y=\"{}\">{x0}</text>", xb + 16.0);
-    let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{x1}</text>", w - right, xb + 16.0);
-    let _ =
-        writeln!(svg, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">step</text>", (left + w - right) / 2.0, h - 8.0);
-    let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{y1:.3}</text>", yb - 6.0, top + 10.0);
-    let _ = writeln!(svg, "<text x=\"{}\" y=\"{xb}\" text-anchor=\"end\">{y0:.3}</text>", yb - 6.0);
-    let _ = writeln!(
-        svg,
-        "<text x=\"14\" y=\"{}\" transform=\"rotate(-90 14 {})\" text-anchor=\"middle\">loss</text>",
-        (top + xb) / 2.0,
-        (top + xb) / 2.0
+         <rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n"
     );
     for (i, (label, pts)) in curves.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
+        let y_top = panel_h * i as f64;
+        let (x0, x1, y0, y1) = pts.iter().fold((f64::MAX, f64::MIN, f64::MAX, f64::MIN), |(a, b, c, d), &(x, y)| {
+            (a.min(x), b.max(x), c.min(y), d.max(y))
+        });
+        // a single point or a flat line still needs a non-empty range to scale by
+        let (x1, y1) = (if x1 > x0 { x1 } else { x0 + 1.0 }, if y1 > y0 { y1 } else { y0 + 1.0 });
+        let (pl, pr, pt, pb) = (left, w - right, y_top + top, y_top + panel_h - bottom);
+        let px = |x: f64| pl + (x - x0) / (x1 - x0) * (pr - pl);
+        let py = |y: f64| pt + (y1 - y) / (y1 - y0) * (pb - pt);
+        let _ = writeln!(svg, "<text x=\"{pl}\" y=\"{}\" font-weight=\"bold\">{}</text>", pt - 8.0, xml_escape(label));
+        let (xt, yt) = (ticks(x0, x1), ticks(y0, y1));
+        let x_step = if xt.len() > 1 { xt[1] - xt[0] } else { 1.0 };
+        let y_step = if yt.len() > 1 { yt[1] - yt[0] } else { 1.0 };
+        for &x in &xt {
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{0:.1}\" y1=\"{pt}\" x2=\"{0:.1}\" y2=\"{pb}\" stroke=\"#ddd\"/>\n\
+                 <text x=\"{0:.1}\" y=\"{1}\" text-anchor=\"middle\">{2}</text>",
+                px(x),
+                pb + 15.0,
+                tick_label(x, x_step)
+            );
+        }
+        for &y in &yt {
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{pl}\" y1=\"{0:.1}\" x2=\"{pr}\" y2=\"{0:.1}\" stroke=\"#ddd\"/>\n\
+                 <text x=\"{1}\" y=\"{2:.1}\" text-anchor=\"end\">{3}</text>",
+                py(y),
+                pl - 6.0,
+                py(y) + 4.0,
+                tick_label(y, y_step)
+            );
+        }
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{pl}\" y=\"{pt}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"black\"/>",
+            pr - pl,
+            pb - pt
+        );
+        let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">step</text>", (pl + pr) / 2.0, pb + 32.0);
+        let y_name = if label.ends_with("mean reward") { "reward" } else { "loss" };
+        let mid = (pt + pb) / 2.0;
+        let _ = writeln!(
+            svg,
+            "<text x=\"16\" y=\"{mid}\" transform=\"rotate(-90 16 {mid})\" text-anchor=\"middle\">{y_name}</text>"
+        );
         let coords: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
         let _ = writeln!(
             svg,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/>",
+            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\" points=\"{}\"/>",
+            COLORS[i % COLORS.len()],
             coords.join(" ")
-        );
-        let ly = top + 16.0 + 16.0 * i as f64;
-        let _ = writeln!(
-            svg,
-            "<text x=\"{}\" y=\"{ly}\" fill=\"{color}\" text-anchor=\"end\">{}</text>",
-            w - right - 8.0,
-            xml_escape(label)
         );
     }
     svg.push_str("</svg>\n");

@@ -43,6 +43,7 @@ fn sections_assemble_into_a_report_with_the_summary_table() -> Result<()> {
     assert!(md.contains("| GSM8K | - | - | 0.1250 | - |"), "{md}");
     assert!(md.contains("| MMLU | - | - | - | - |"), "{md}");
     assert!(md.contains("| ChatCORE | - | - | 0.2500 | - |"), "{md}");
+    assert!(md.contains("| SpellingBee | - | - | - | - |"), "every task the chat evals run has a row: {md}");
     assert!(md.contains("- CPU: ") && md.contains("- Commit: ") && md.contains("- GPU: "), "{md}");
     // pipeline order, whatever order the stages wrote in, each with its wall clock
     let at = |s: &str| md.find(s).unwrap_or(usize::MAX);
@@ -111,5 +112,68 @@ fn nanochat_report_writes_the_report_or_says_to_run_a_stage_first() -> Result<()
     assert_eq!(left, ["notes.txt"]);
     let out = report()?;
     assert!(!out.status.success(), "no sections after a reset");
+    Ok(())
+}
+
+/// A pipeline whose base training and base eval measured bits per byte over different amounts of
+/// text, whose midtraining measured its own, and whose RL never saw a reward.
+fn pipeline_with_rl(base: &Path, rewards: &[f64]) -> Result<()> {
+    let dir = base.join("report");
+    write_section_to(&dir, "base_train", "- steps: 10\n", json!({"val_bpb": 2.0332, "eval_tokens": 81920}))?;
+    write_section_to(
+        &dir,
+        "base_eval",
+        "- CORE: 0.01\n",
+        json!({"core": 0.01, "val_bpb": 2.0627, "eval_tokens": 1048576}),
+    )?;
+    write_section_to(&dir, "mid_train", "- steps: 5\n", json!({"val_bpb": 1.5341}))?;
+    write_section_to(&dir, "chat_eval_sft", "", json!({"tasks": {"SpellingBee": 0.18}}))?;
+    write_section_to(&dir, "rl_train", "- steps: 3\n", json!({"rewards": rewards, "steps": rewards.len()}))?;
+    let run = base.join("chatrl_checkpoints/d1");
+    std::fs::create_dir_all(&run)?;
+    let lines: Vec<String> =
+        rewards.iter().enumerate().map(|(s, r)| json!({"step": s, "reward": r, "pg_loss": 0.0}).to_string()).collect();
+    std::fs::write(run.join("metrics.jsonl"), lines.join("\n") + "\n")?;
+    Ok(())
+}
+
+#[test]
+fn the_summary_explains_its_bpb_figures_and_says_when_rl_learned_nothing() -> Result<()> {
+    let base = tempfile::tempdir()?;
+    pipeline_with_rl(base.path(), &[0.0, 0.0, 0.0])?;
+    let md = std::fs::read_to_string(generate(base.path())?)?;
+    println!("{md}");
+    assert!(md.contains("| Val bpb | 2.0627 | 1.5341 | - | - |"), "base eval's bpb, and midtraining's: {md}");
+    assert!(md.contains("| SpellingBee | - | - | 0.1800 | - |"), "{md}");
+    assert!(md.contains("2.0627 from base eval over up to 1048576 validation tokens"), "{md}");
+    assert!(md.contains("base training measured 2.0332 over up to 81920 validation tokens"), "{md}");
+    assert!(md.contains("RL learned nothing: the mean reward was 0 at every one of its 3 steps"), "{md}");
+    assert!(md.contains("mean reward per step (every step): 0: 0.000, 1: 0.000, 2: 0.000"), "{md}");
+    let curves = loss_curves(base.path())?;
+    assert_eq!(curves.len(), 1);
+    assert_eq!(curves[0].0, "chatrl/d1 mean reward", "RL plots its reward, not its surrogate loss");
+
+    // an RL run that got some reward: no warning
+    let base = tempfile::tempdir()?;
+    pipeline_with_rl(base.path(), &[0.0, 0.125, 0.25])?;
+    let md = std::fs::read_to_string(generate(base.path())?)?;
+    assert!(!md.contains("RL learned nothing"), "{md}");
+    assert!(md.contains("1: 0.125, 2: 0.250"), "{md}");
+    Ok(())
+}
+
+#[test]
+fn each_curve_gets_a_panel_with_round_ticks_on_both_axes() -> Result<()> {
+    let curves = vec![
+        ("base/d1".to_string(), (0..=100).map(|s| (s as f64, 10.0 - s as f64 * 0.07)).collect()),
+        ("chatrl/d1 mean reward".to_string(), vec![(0.0, 0.0), (1.0, 0.5)]),
+    ];
+    let svg = loss_svg(&curves);
+    assert_eq!(svg.matches("<polyline").count(), 2);
+    // x ticks 0, 20, ..., 100 of the first panel, y ticks 4, 6, 8, 10 (loss from 3 to 10), 0.1 apart for RL
+    for tick in [">0<", ">20<", ">100<", ">4<", ">10<", ">0.5<"] {
+        assert!(svg.contains(tick), "no tick label {tick}: {svg}");
+    }
+    assert!(svg.contains(">reward<") && svg.contains(">loss<") && svg.contains(">step<"));
     Ok(())
 }

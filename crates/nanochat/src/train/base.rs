@@ -322,6 +322,7 @@ fn write_train_section(args: &TrainArgs, tokenizer: &bpe::Tokenizer, report: &Tr
         "seconds": seconds, "depth": args.depth, "params": params, "steps": report.num_iterations,
         "total_batch_size": args.total_batch_size, "flops": flops, "val_bpb": report.val_bpb,
         "tokens_per_sec": report.tokens_per_sec,
+        "eval_tokens": args.eval_tokens.unwrap_or(20 * args.total_batch_size),
     });
     crate::report::write_section("base_train", &markdown, metrics)?;
     Ok(())
@@ -374,6 +375,7 @@ fn run_eval(args: &EvalArgs, comm: &dyn Communicator) -> Result<()> {
         }
         markdown.push_str(&format!("- validation bpb: {bpb:.4}\n"));
         metrics["val_bpb"] = json!(bpb);
+        metrics["eval_tokens"] = json!(args.eval_tokens);
     }
     if !root {
         return Ok(());
