@@ -1,14 +1,16 @@
-//! `nanochat speedrun`, run as the binary on a temporary `$NANOCHAT_BASE_DIR` with the offline
-//! data mirror: the presets are valid command lines; the `micro` preset runs every stage and leaves
+//! `nanochat speedrun`, run as the binary on a temporary `$NANOCHAT_BASE_DIR` with the small data
+//! mirror (tests/fixtures/mirror): the presets are valid command lines; the `micro` preset runs every stage and leaves
 //! each one's output and the report; an interrupted training stage resumes from its checkpoint to
 //! the same bytes; a rerun skips finished stages; a changed stage reruns with every stage after it.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
 
 fn mirror() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+    common::data()
 }
 
 /// Runs `nanochat speedrun ARGS` on `base`; returns whether it succeeded and its output (stdout, then stderr).
