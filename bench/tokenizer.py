@@ -71,7 +71,7 @@ def main():
 
     # --- ours (a separate process: its own peak memory) ---
     ours_ranks, ours_ids = os.path.join(tmp, "ours.tiktoken"), os.path.join(tmp, "ours.ids")
-    out = subprocess.run([args.nanochat, "tok", "bench", "--data-dir", args.data_dir,
+    out = subprocess.run([args.nanochat, "tok", "bench", "--shard-dir", args.data_dir,
                           "--train-chars", str(args.train_chars), "--vocab-size", str(args.vocab_size),
                           "--ranks-out", ours_ranks, "--ids-out", ours_ids],
                          check=True, capture_output=True, text=True).stdout

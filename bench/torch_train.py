@@ -11,12 +11,17 @@ Optimizer (--opt, default muon): the same split as the Rust benchmark and v0 bas
 (0.8, 0.95), eps 1e-10) for the embedding and lm_head, gradient clipping at 1.0. --opt adamw
 uses AdamW for everything (cheaper optimizer step).
 
+--dtype bfloat16 is the like-for-like reference for `nanochat bench train --bf16`: the forward pass
+and the loss run under CPU autocast to bfloat16 (every matmul in bf16, fp32 master weights and
+optimizer state, as the original trains on GPUs) and Muon's Newton-Schulz iteration runs in bf16,
+as v0's does.
+
 The model and loss run under torch.compile unless --eager; when compiling fails the script falls
 back to eager and says so in its JSON line ("compiled": false, "compile_error": ...). The
 first steps are warm-up (compilation happens there). Prints per-step times to stderr and one JSON
 line to stdout.
 
-    /work/venv-ref/bin/python bench/torch_train.py [--steps 5] [--warmup 3] [--threads 2]
+    /work/venv-ref/bin/python bench/torch_train.py [--steps 5] [--warmup 3] [--threads 2] [--dtype bfloat16]
 """
 
 import argparse
@@ -135,9 +140,9 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
-def zeropower_via_newtonschulz5(G, steps=5):
+def zeropower_via_newtonschulz5(G, steps=5, dtype=torch.float32):
     a, b, c = (3.4445, -4.7750, 2.0315)
-    X = G.float()
+    X = G.to(dtype)
     if G.size(-2) > G.size(-1):
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
@@ -147,14 +152,15 @@ def zeropower_via_newtonschulz5(G, steps=5):
         X = a * X + B @ X
     if G.size(-2) > G.size(-1):
         X = X.mT
-    return X
+    return X.to(G.dtype)
 
 
 class Muon(torch.optim.Optimizer):
     """v0's single-device Muon: Nesterov momentum, orthogonalised update, scaled for tall shapes."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self):
@@ -169,7 +175,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(g, 1 - group["momentum"])
                 g = g.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
-                g = zeropower_via_newtonschulz5(g, steps=group["ns_steps"])
+                g = zeropower_via_newtonschulz5(g, steps=group["ns_steps"], dtype=self.ns_dtype)
                 p.add_(g, alpha=-group["lr"] * max(1, p.size(-2) / p.size(-1)) ** 0.5)
 
 
@@ -188,6 +194,12 @@ def main():
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--opt", choices=["muon", "adamw"], default="muon")
     ap.add_argument("--eager", action="store_true", help="do not torch.compile")
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: forward and loss under CPU autocast, Muon's Newton-Schulz in bf16",
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -201,7 +213,11 @@ def main():
     ]
     matrices = [p for n, p in model.named_parameters() if n.startswith("transformer.h.")]
     if args.opt == "muon":
-        optimizers = [torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0), Muon(matrices)]
+        ns_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+        optimizers = [
+            torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0),
+            Muon(matrices, ns_dtype=ns_dtype),
+        ]
     else:
         adam_groups.append(dict(params=matrices, lr=0.02))
         optimizers = [torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)]
@@ -217,7 +233,8 @@ def main():
         x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         t0 = time.perf_counter()
         try:
-            loss = step_fn(x, y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+                loss = step_fn(x, y)
         except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
             if not compiled:
                 raise
@@ -225,7 +242,8 @@ def main():
             print(f"torch.compile failed, falling back to eager: {compile_error}", file=sys.stderr)
             step_fn = model
             t0 = time.perf_counter()
-            loss = step_fn(x, y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+                loss = step_fn(x, y)
         loss_val = loss.item()
         t1 = time.perf_counter()
         loss.backward()
@@ -253,6 +271,7 @@ def main():
         compiled=compiled,
         compile_error=compile_error,
         opt=args.opt,
+        dtype=args.dtype,
         n_params=n_params,
         n_layer=args.n_layer,
         n_embd=args.n_embd,

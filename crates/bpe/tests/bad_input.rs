@@ -71,9 +71,10 @@ fn saved(dir: &std::path::Path) -> Tokenizer {
 
 #[test]
 fn save_load_round_trip() {
-    let dir = tempdir();
-    let tok = saved(&dir);
-    let back = Tokenizer::load(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let tok = saved(dir);
+    let back = Tokenizer::load(dir).unwrap();
     assert_eq!(back.mergeable_tokens(), tok.mergeable_tokens());
     assert_eq!(back.pattern(), tok.pattern());
     assert_eq!(back.fingerprint(), tok.fingerprint());
@@ -86,14 +87,15 @@ fn save_load_round_trip() {
 
 #[test]
 fn truncated_or_corrupt_files_are_clear_errors() {
-    let dir = tempdir();
-    saved(&dir);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    saved(dir);
     let ranks_path = dir.join(bpe::format::RANKS_FILE);
     let meta_path = dir.join(bpe::format::META_FILE);
     let ranks = std::fs::read(&ranks_path).unwrap();
     let meta = std::fs::read(&meta_path).unwrap();
     let expect_corrupt = |what: &str| {
-        let err = Tokenizer::load(&dir).err().unwrap_or_else(|| panic!("{what}: load must fail"));
+        let err = Tokenizer::load(dir).err().unwrap_or_else(|| panic!("{what}: load must fail"));
         let msg = err.to_string();
         assert!(matches!(err, Error::Corrupt { .. } | Error::Io { .. }), "{what}: {msg}");
         assert!(msg.contains("tokenizer."), "{what}: message names the file: {msg}");
@@ -115,7 +117,7 @@ fn truncated_or_corrupt_files_are_clear_errors() {
     std::fs::write(&meta_path, text).unwrap();
     expect_corrupt("future version");
     std::fs::write(&meta_path, &meta).unwrap();
-    assert!(Tokenizer::load(&dir).is_ok());
+    assert!(Tokenizer::load(dir).is_ok());
 }
 
 #[test]
@@ -128,14 +130,4 @@ fn parse_ranks_rejects_garbage() {
     // A vocabulary without every single byte cannot encode arbitrary text.
     let tokens = vec![b"a".to_vec(), b"b".to_vec()];
     assert!(Tokenizer::from_tokens(tokens, DEFAULT_PATTERN).is_err());
-}
-
-fn tempdir() -> std::path::PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir =
-        std::env::temp_dir().join(format!("bpe-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }

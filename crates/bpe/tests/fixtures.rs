@@ -1,5 +1,5 @@
 //! Parity with the original: merges, ranks, encodings, decodings and token lengths computed by
-//! nanochat v0 (rustbpe + tiktoken) in `shared/fixtures/tokenizer`.
+//! nanochat v0 (rustbpe + tiktoken) in `tests/fixtures/tokenizer` (made by `bench/fixtures/`).
 
 mod common;
 

@@ -151,13 +151,15 @@ proptest! {
     }
 }
 
-/// Real text of several kinds: every line and the whole text encode as tiktoken does.
+/// Real text of several kinds (WikiText-2 too, from the full data mirror when there is one): every
+/// line and the whole text encode as tiktoken does.
 #[test]
 fn real_text_matches_tiktoken_and_regex() {
-    let shared = common::shared();
     let mut texts = vec![common::shakespeare_1m().chars().skip(500_000).take(100_000).collect::<String>()];
-    let wiki = std::fs::read_to_string(shared.join("data/pretrain/wikitext-2/valid.txt")).expect("wikitext");
-    texts.push(wiki.chars().take(200_000).collect());
+    if let Some(mirror) = common::full_mirror("real_text_matches_tiktoken_and_regex") {
+        let wiki = std::fs::read_to_string(mirror.join("pretrain/wikitext-2/valid.txt")).expect("wikitext");
+        texts.push(wiki.chars().take(200_000).collect());
+    }
     texts.push(include_str!("properties.rs").to_string());
     let tok = trained();
     for text in &texts {

@@ -46,6 +46,16 @@ pub enum ChatCommand {
     Eval(crate::eval::chat::ChatEvalArgs),
 }
 
+impl ChatArgs {
+    /// What running this command downloads on first use: `chat eval`'s task data.
+    pub fn downloads(&self) -> Vec<crate::data::sources::RemoteFile> {
+        match &self.command {
+            Some(ChatCommand::Eval(eval)) => eval.downloads(),
+            None => Vec::new(),
+        }
+    }
+}
+
 pub fn run(mut args: ChatArgs) -> Result<()> {
     if let Some(ChatCommand::Eval(eval_args)) = args.command.take() {
         return crate::eval::chat::run(eval_args);

@@ -77,7 +77,16 @@ fn keep_large_allocations() {}
 /// commands a user would type, with all their options.
 fn parse_stage(argv: &[String]) -> Result<nanochat::speedrun::StageCommand> {
     let cli = Cli::try_parse_from(std::iter::once("nanochat").chain(argv.iter().map(String::as_str)))?;
-    Ok(Box::new(move || execute(cli.command)))
+    let downloads = match &cli.command {
+        Command::Data(cmd) => cmd.downloads(),
+        Command::Base(cmd) => cmd.downloads(),
+        Command::Mid(cmd) => cmd.downloads(),
+        Command::Sft(cmd) => cmd.downloads(),
+        Command::Rl(cmd) => cmd.downloads(),
+        Command::Chat(args) => args.downloads(),
+        _ => Vec::new(),
+    };
+    Ok(nanochat::speedrun::StageCommand { downloads, run: Box::new(move || execute(cli.command)) })
 }
 
 fn execute(command: Command) -> Result<()> {

@@ -8,6 +8,12 @@
 //! stands for the data mirror (`--data-dir`) and `{tag}` for the preset's model tag, which the
 //! stages name explicitly so that none picks up another run's checkpoints.
 //!
+//! Data: without a mirror every stage uses the original's online sources (`data/sources.rs`); the
+//! files the stages to run need are downloaded into `$NANOCHAT_BASE_DIR` before the first stage
+//! starts (the pretraining shards by the data stage, several at a time), so that a network problem
+//! shows at once rather than hours in, and `--dry-run` lists them with their sizes. With a mirror
+//! (`--data-dir`) nothing is downloaded.
+//!
 //! Resuming: a stage that starts writes `$NANOCHAT_BASE_DIR/speedrun/<stage>.json` with its command
 //! line and start time, and marks it finished when it ends. A rerun skips a finished stage whose
 //! command line is unchanged; a changed or unfinished stage runs again and so does every stage
@@ -24,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::common::{base_dir, write_atomic};
+use crate::data::sources::{self, Check, Endpoints, RemoteFile, Retry, Size};
 
 /// The built-in presets, smallest first: (name, JSON).
 const BUILTIN: [(&str, &str); 5] = [
@@ -34,8 +41,12 @@ const BUILTIN: [(&str, &str); 5] = [
     ("d26", include_str!("../presets/d26.json")),
 ];
 
-/// A `nanochat` command parsed and ready to run: what a stage does.
-pub type StageCommand = Box<dyn FnOnce() -> Result<()>>;
+/// A `nanochat` command parsed and ready to run: what a stage does, and what it downloads.
+pub struct StageCommand {
+    pub run: Box<dyn FnOnce() -> Result<()>>,
+    /// The files the command fetches on first use (none when it reads a mirror).
+    pub downloads: Vec<RemoteFile>,
+}
 
 /// Parses a `nanochat` command line (without the program name) into a runnable command. The binary
 /// passes its own parser, so stages are parsed exactly as if typed.
@@ -50,9 +61,7 @@ pub struct SpeedrunArgs {
     /// Run your own preset, a JSON file laid out like the built-in ones (see --show-preset).
     #[arg(long, value_name = "FILE", conflicts_with = "preset")]
     pub preset_file: Option<PathBuf>,
-    /// A local data mirror laid out like ../shared/data (pretrain/, eval/, sft/, words/); without it
-    /// the stages download what they can.
-    #[arg(long, env = "NANOCHAT_DATA_MIRROR", value_name = "DIR")]
+    #[arg(long, env = "NANOCHAT_DATA_MIRROR", value_name = "DIR", help = crate::data::MIRROR_HELP)]
     pub data_dir: Option<PathBuf>,
     /// Where every artifact goes [default: $NANOCHAT_BASE_DIR, else ~/.cache/nanochat].
     #[arg(long, value_name = "DIR")]
@@ -66,7 +75,8 @@ pub struct SpeedrunArgs {
     /// Redo every stage.
     #[arg(long, conflicts_with = "from")]
     pub force: bool,
-    /// Print what would run (each stage's command line, and whether it runs, resumes or is skipped).
+    /// Print what would run (each stage's command line, and whether it runs, resumes or is skipped)
+    /// and what it would download, with the sizes the servers give (unknown when offline).
     #[arg(long)]
     pub dry_run: bool,
     /// List the built-in presets and exit.
@@ -100,13 +110,9 @@ pub struct StageSpec {
     /// Appended when a data mirror is given.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mirror: Vec<String>,
-    /// Appended when no mirror is given: the stage's online source.
+    /// Appended when no mirror is given.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub online: Vec<String>,
-    /// Without a mirror the stage reads this path under `$NANOCHAT_BASE_DIR`, which no stage
-    /// downloads yet: the run stops before it starts when the path is missing.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub needs: Option<String>,
     /// The checkpoint directory the stage writes, under `$NANOCHAT_BASE_DIR`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoints: Option<String>,
@@ -170,11 +176,14 @@ struct Stage {
     argv: Vec<String>,
     checkpoints: Option<PathBuf>,
     resumable: bool,
+    /// What the stage's command downloads on first use.
+    downloads: Vec<RemoteFile>,
 }
 
-/// Fills in `{data}` and `{tag}` and picks each stage's mirror or online arguments. Fails, naming
-/// every such stage, when a stage needs data that only a mirror provides.
-fn resolve(preset: &Preset, mirror: Option<&Path>, base: &Path) -> Result<Vec<Stage>> {
+/// Fills in `{data}` and `{tag}` and picks each stage's mirror or online arguments; parses each
+/// stage's command line with `parse`, so that a typo fails now, not hours in, and learns what it
+/// downloads.
+fn resolve(preset: &Preset, mirror: Option<&Path>, base: &Path, parse: ParseCommand) -> Result<Vec<Stage>> {
     let data = mirror.map(|m| m.to_string_lossy().into_owned());
     let fill = |s: &str| -> Result<String> {
         let s = s.replace("{tag}", &preset.model_tag);
@@ -185,27 +194,63 @@ fn resolve(preset: &Preset, mirror: Option<&Path>, base: &Path) -> Result<Vec<St
         }
     };
     let mut stages = Vec::new();
-    let mut missing = Vec::new();
     for spec in &preset.stages {
         let extra = if mirror.is_some() { &spec.mirror } else { &spec.online };
         let argv = spec.args.iter().chain(extra).map(|a| fill(a)).collect::<Result<Vec<_>>>()?;
-        if let (None, Some(needs)) = (mirror, &spec.needs) {
-            let path = base.join(fill(needs)?);
-            if !path.exists() {
-                missing.push(format!("{} reads {}", spec.name, path.display()));
-            }
-        }
+        let command =
+            parse(&argv).with_context(|| format!("stage {} of preset {}: {}", spec.name, preset.name, shell(&argv)))?;
         let checkpoints = spec.checkpoints.as_deref().map(fill).transpose()?.map(|c| base.join(c));
-        stages.push(Stage { name: spec.name.clone(), argv, checkpoints, resumable: spec.resumable });
-    }
-    if !missing.is_empty() {
-        bail!(
-            "these stages have no online source for their data yet, and it is not in place:\n  {}\npass --data-dir DIR \
-             (or set NANOCHAT_DATA_MIRROR): a local mirror laid out like ../shared/data (see README.md, \"Offline use\")",
-            missing.join("\n  ")
-        );
+        stages.push(Stage {
+            name: spec.name.clone(),
+            argv,
+            checkpoints,
+            resumable: spec.resumable,
+            downloads: command.downloads,
+        });
     }
     Ok(stages)
+}
+
+/// The files the stages that run in this invocation download, each once, under the first stage
+/// that needs it, leaving out those already in place.
+fn pending_downloads<'a>(stages: &'a [Stage], actions: &[Action]) -> Vec<(&'a str, &'a RemoteFile)> {
+    let mut pending: Vec<(&str, &RemoteFile)> = Vec::new();
+    for (stage, action) in stages.iter().zip(actions) {
+        if !matches!(action, Action::Run | Action::Resume(_)) {
+            continue;
+        }
+        for file in &stage.downloads {
+            if !pending.iter().any(|(_, f)| f.dest == file.dest) && !file.is_present() {
+                pending.push((&stage.name, file));
+            }
+        }
+    }
+    pending
+}
+
+/// The dry run's list of downloads, with sizes from the servers (or the sources' listings).
+fn print_downloads(pending: &[(&str, &RemoteFile)], base: &Path) {
+    if pending.is_empty() {
+        println!("downloads: none (a data mirror is given, or everything is in place)");
+        return;
+    }
+    let files: Vec<RemoteFile> = pending.iter().map(|(_, f)| (*f).clone()).collect();
+    let sizes = sources::probe(&files, &Endpoints::from_env());
+    println!("downloads into {} (on first use):", base.display());
+    for ((stage, file), size) in pending.iter().zip(&sizes) {
+        let dest = file.dest.strip_prefix(base).unwrap_or(&file.dest);
+        println!("  {stage:<14} {:>12}  {}  from {}", size.to_string(), dest.display(), file.url);
+    }
+    let known: u64 = sizes.iter().map(|s| if let Size::Exact(n) | Size::About(n) = s { *n } else { 0 }).sum();
+    let approximate = sizes.iter().filter(|s| matches!(s, Size::About(_))).count();
+    let unknown = sizes.iter().filter(|s| matches!(s, Size::Unknown)).count();
+    let mut total = format!("  total: {} files, {}", files.len(), sources::human_bytes(known));
+    if approximate + unknown > 0 {
+        total.push_str(&format!(
+            " ({approximate} sizes approximate and {unknown} unknown: the servers could not be asked, offline?)"
+        ));
+    }
+    println!("{total}");
 }
 
 /// What a stage did or will do, kept in `$NANOCHAT_BASE_DIR/speedrun/<stage>.json`.
@@ -332,13 +377,7 @@ pub fn run(args: SpeedrunArgs, parse: ParseCommand) -> Result<()> {
         })?),
         None => None,
     };
-    let stages = resolve(&preset, mirror.as_deref(), &base)?;
-    for stage in &stages {
-        // Every command line is checked before anything runs: a typo fails now, not hours in.
-        parse(&stage.argv)
-            .map(drop)
-            .with_context(|| format!("stage {} of preset {}: {}", stage.name, preset.name, shell(&stage.argv)))?;
-    }
+    let stages = resolve(&preset, mirror.as_deref(), &base, parse)?;
     let redo_from = match (&args.from, args.force) {
         (Some(name), _) => preset.stage_index(name, "--from")?,
         (None, true) => 0,
@@ -351,7 +390,23 @@ pub fn run(args: SpeedrunArgs, parse: ParseCommand) -> Result<()> {
         for (stage, action) in stages.iter().zip(&actions) {
             println!("  {:<14} {:<24} nanochat {}", stage.name, describe(*action), shell(&stage.argv));
         }
+        print_downloads(&pending_downloads(&stages, &actions), &base);
         return Ok(());
+    }
+    // the shards are left to the data stage, which fetches several at a time
+    let pending: Vec<RemoteFile> = pending_downloads(&stages, &actions)
+        .into_iter()
+        .filter(|(_, f)| f.check != Check::Shard)
+        .map(|(_, f)| f.clone())
+        .collect();
+    if !pending.is_empty() {
+        eprintln!(
+            "speedrun {}: downloading the {} files the stages need into {}",
+            preset.name,
+            pending.len(),
+            base.display()
+        );
+        sources::fetch_all(&pending, &Endpoints::from_env(), Retry::default())?;
     }
     execute(&preset, &stages, &actions, &base, parse)
 }
@@ -446,7 +501,7 @@ fn run_stage(stages: &[Stage], i: usize, action: Action, base: &Path, parse: Par
     }
     let t0 = Instant::now();
     let command = parse(&argv)?;
-    command().with_context(|| {
+    (command.run)().with_context(|| {
         format!("stage {} failed; fix the cause and rerun the same speedrun command to continue from it", stage.name)
     })?;
     let secs = t0.elapsed().as_secs_f64();

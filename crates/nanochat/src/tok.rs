@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
 use crate::data::dataset::{self, Shard, Split};
+use crate::data::ShardArgs;
 
 #[derive(Subcommand)]
 pub enum TokCommand {
@@ -35,9 +36,9 @@ pub struct TrainArgs {
     /// Cap each document at this many characters.
     #[arg(long, default_value_t = 10_000)]
     pub doc_cap: usize,
-    /// Directory of parquet shards (the last one is validation and is not trained on).
-    #[arg(long, env = "NANOCHAT_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    /// Where the shards are (the last one is validation and is not trained on).
+    #[command(flatten)]
+    pub shards: ShardArgs,
     /// Split pattern (default: nanochat's GPT-4-style pattern with 1-2 digit numbers).
     #[arg(long, default_value = bpe::DEFAULT_PATTERN)]
     pub pattern: String,
@@ -48,9 +49,9 @@ pub struct TrainArgs {
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Directory of parquet shards, for in-domain train and validation text.
-    #[arg(long, env = "NANOCHAT_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    /// Where the shards are, for in-domain train and validation text.
+    #[command(flatten)]
+    pub shards: ShardArgs,
     /// Tokenizer directory (default: $NANOCHAT_BASE_DIR/tokenizer).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -58,9 +59,9 @@ pub struct EvalArgs {
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Directory of parquet shards: training text from the training shards, encoding on validation.
-    #[arg(long, env = "NANOCHAT_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    /// Where the shards are: training text from the training shards, encoding on validation.
+    #[command(flatten)]
+    pub shards: ShardArgs,
     /// Characters of training text (documents in shard order, the last one cut).
     #[arg(long, default_value_t = 50_000_000)]
     pub train_chars: usize,
@@ -80,10 +81,6 @@ pub fn run(cmd: TokCommand) -> Result<()> {
         TokCommand::Eval(args) => eval(args),
         TokCommand::Bench(args) => bench(args),
     }
-}
-
-fn data_dir(arg: Option<PathBuf>) -> PathBuf {
-    arg.unwrap_or_else(dataset::data_dir)
 }
 
 /// The documents of `shards` in order, read lazily one row group at a time. A read error ends the
@@ -163,7 +160,7 @@ fn training_text(dir: &std::path::Path, chars: u64) -> Result<Vec<String>> {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let dir = data_dir(args.data_dir);
+    let dir = args.shards.dir()?;
     let out = args.out.unwrap_or_else(crate::tokenizer::tokenizer_dir);
     let shards = dataset::split_shards(&dir, Split::Train)?;
     eprintln!("training on up to {} characters from {}", args.max_chars, dir.display());
@@ -266,7 +263,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     };
     let gpt2 = tiktoken_rs::r50k_base().map_err(|e| anyhow::anyhow!("GPT-2 vocabulary: {e}"))?;
     let gpt4 = tiktoken_rs::cl100k_base().map_err(|e| anyhow::anyhow!("GPT-4 vocabulary: {e}"))?;
-    let texts = eval_texts(&data_dir(args.data_dir))?;
+    let texts = eval_texts(&args.shards.dir()?)?;
     println!("Bytes per token (higher is better) — ours: vocab {}", tok.vocab_size());
     println!(
         "{:<12} {:>9} | {:>7} {:>6} | {:>7} {:>6} | {:>7} {:>6} | {:>8} {:>8}",
@@ -293,7 +290,7 @@ fn eval(args: EvalArgs) -> Result<()> {
 }
 
 fn bench(args: BenchArgs) -> Result<()> {
-    let dir = data_dir(args.data_dir);
+    let dir = args.shards.dir()?;
     let docs = training_text(&dir, args.train_chars as u64)?;
     let t = Instant::now();
     let tok = bpe::Tokenizer::train(&docs, args.vocab_size, bpe::DEFAULT_PATTERN)?;

@@ -3,38 +3,22 @@
 //! CORE), prints the validation bpb and leaves the report section. And the first stages end to end,
 //! tokenizer → base train → base eval → report, each leaving its section in `report.md`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
-use candle_core::Device;
-use nanochat::checkpoint::{self, Meta};
 use nanochat::data::dataset::write_shard;
-use nanochat::model::GPTConfig;
 
-fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
+/// The CORE bundle of the small data mirror: every task, a few items each.
+fn bundle_dir() -> PathBuf {
+    common::data().join("eval/eval_bundle")
 }
 
 /// The fixture tokenizer and weights as base checkpoint d2 at step 5, and a train + val shard.
 fn setup(base: &Path) -> Result<()> {
-    let path = shared().join("fixtures/tokenizer/mergeable_ranks.tiktoken");
-    let tok = bpe::Tokenizer::from_tokens(
-        bpe::format::parse_ranks(&std::fs::read_to_string(&path)?, &path)?,
-        bpe::DEFAULT_PATTERN,
-    )?;
-    tok.save(&base.join("tokenizer"))?;
-    let params = candle_core::safetensors::load(shared().join("fixtures/model/params.safetensors"), &Device::Cpu)?;
-    let config = GPTConfig {
-        sequence_len: 64,
-        vocab_size: 1024,
-        n_layer: 2,
-        n_head: 4,
-        n_kv_head: 2,
-        n_embd: 64,
-        rotary: Default::default(),
-    };
-    checkpoint::save(&base.join("base_checkpoints/d2"), &params, None, &Meta::new(5, config, tok.fingerprint()))?;
+    common::fixture_checkpoint(base, "base_checkpoints")?;
     let docs: Vec<String> =
         (0..20).map(|i| format!("Document {i}: the cat sat on the mat, and the dog watched.")).collect();
     write_shard(&base.join("data/shard_00000.parquet"), &docs)?;
@@ -50,7 +34,7 @@ fn base_eval_writes_core_csv_and_json_and_the_report_section() -> Result<()> {
         .args(["base", "eval", "--model-tag", "d2", "--eval", "core,bpb", "--max-per-task", "1"])
         .args(["--eval-tokens", "128", "--device-batch-size", "2"])
         .arg("--bundle-dir")
-        .arg(shared().join("data/eval/eval_bundle"))
+        .arg(bundle_dir())
         .arg("--data-dir")
         .arg(base.path().join("data"))
         .env("NANOCHAT_BASE_DIR", base.path())
@@ -92,7 +76,7 @@ fn tokenizer_base_train_and_eval_sections_assemble_into_the_report() -> Result<(
     write_shard(&data.join("shard_00000.parquet"), &docs)?;
     write_shard(&data.join("shard_00001.parquet"), &docs[..10])?;
     let data = data.to_str().context("temp path")?;
-    let bundle = shared().join("data/eval/eval_bundle");
+    let bundle = bundle_dir();
     let b = base.path();
     nanochat(b, &["tok", "train", "--vocab-size", "300", "--data-dir", data])?;
     let train = [

@@ -1,6 +1,8 @@
-//! The calculator against the original's recorded results (shared fixture), against CPython
+//! The calculator against the original's recorded results (parity fixture), against CPython
 //! answers recorded here, at its limits, against an independent i128 evaluator, and fuzzed with
 //! arbitrary bytes.
+
+mod common;
 
 use nanochat::calculator::{calculate, MAX_INPUT_BYTES};
 use num_bigint::BigUint;
@@ -9,8 +11,8 @@ use serde_json::Value;
 use std::time::Instant;
 
 fn fixture() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures/calculator/calculator.json");
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+    let path = common::parity("calculator/calculator.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_str(&text).expect("calculator.json is JSON")
 }
 

@@ -2,55 +2,25 @@
 //! checkpoint made from the fixture model: the streamed reply must be the engine's greedy reply,
 //! with no special-token strings, and `clear` / `quit` must work; `chat eval` is reachable as a subcommand.
 
+mod common;
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
-use nanochat::checkpoint::{self, Meta};
-use nanochat::engine::{Engine, GenerateOptions, TextStream};
-use nanochat::model::{GPTConfig, GPT};
-
-fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-}
-
-fn config() -> GPTConfig {
-    GPTConfig {
-        sequence_len: 64,
-        vocab_size: 1024,
-        n_layer: 2,
-        n_head: 4,
-        n_kv_head: 2,
-        n_embd: 64,
-        rotary: Default::default(),
-    }
-}
-
-fn tokenizer() -> Result<bpe::Tokenizer> {
-    let path = shared().join("tokenizer/mergeable_ranks.tiktoken");
-    let text = std::fs::read_to_string(&path)?;
-    Ok(bpe::Tokenizer::from_tokens(bpe::format::parse_ranks(&text, &path)?, bpe::DEFAULT_PATTERN)?)
-}
+use nanochat::engine::{GenerateOptions, TextStream};
 
 /// A base dir holding the fixture tokenizer and the fixture weights as SFT checkpoint d2, step 5.
 fn base_dir() -> Result<tempfile::TempDir> {
     let base = tempfile::tempdir()?;
-    let tok = tokenizer()?;
-    tok.save(&base.path().join("tokenizer"))?;
-    let params = candle_core::safetensors::load(shared().join("model/params.safetensors"), &Device::Cpu)?;
-    let meta = Meta::new(5, config(), tok.fingerprint());
-    checkpoint::save(&base.path().join("chatsft_checkpoints/d2"), &params, None, &meta)?;
+    common::fixture_checkpoint(base.path(), "chatsft_checkpoints")?;
     Ok(base)
 }
 
 /// The greedy reply to `question` at the start of a conversation, as printed text.
 fn expected_reply(question: &str, max_tokens: usize) -> Result<String> {
-    let tok = tokenizer()?;
-    let params = candle_core::safetensors::load(shared().join("model/params.safetensors"), &Device::Cpu)?;
-    let engine = Engine::new(GPT::new(&config(), VarBuilder::from_tensors(params, DType::F32, &Device::Cpu))?, tok)?;
+    let engine = common::fixture_engine()?;
     let tok = engine.tokenizer();
     let special = |name: &str| tok.special_id(name).context(name.to_string());
     let prompt = [

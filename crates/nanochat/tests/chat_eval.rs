@@ -3,56 +3,24 @@
 //! fixture model on ARC-Easy and GSM8K that must be in range and repeatable at temperature 0, and
 //! the command's report section.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
-use anyhow::{Context, Result};
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
+use std::collections::HashMap;
+
+use anyhow::Result;
 use clap::Parser;
-use nanochat::checkpoint::{self, Meta};
+use common::{fixture_engine, tokenizer};
 use nanochat::conversation::render_for_completion;
-use nanochat::engine::Engine;
 use nanochat::eval::chat::{
     evaluate_categorical, run_chat_eval, ChatCoreReport, ChatEvalArgs, ChatEvalOptions, ChatEvalResult, TASK_NAMES,
 };
-use nanochat::model::{GPTConfig, GPT};
 use nanochat::tasks::arc::{ArcSubset, ArcTask};
 use nanochat::tasks::mmlu::Mmlu;
 use nanochat::tasks::{Answer, DataRoot, Task};
 
-fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
-}
-
-fn tokenizer() -> Result<bpe::Tokenizer> {
-    let path = shared().join("fixtures/tokenizer/mergeable_ranks.tiktoken");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(bpe::Tokenizer::from_tokens(bpe::format::parse_ranks(&text, &path)?, bpe::DEFAULT_PATTERN)?)
-}
-
-fn config() -> GPTConfig {
-    GPTConfig {
-        sequence_len: 64,
-        vocab_size: 1024,
-        n_layer: 2,
-        n_head: 4,
-        n_kv_head: 2,
-        n_embd: 64,
-        rotary: Default::default(),
-    }
-}
-
-fn fixture_engine() -> Result<Engine> {
-    let config = config();
-    let params = candle_core::safetensors::load(shared().join("fixtures/model/params.safetensors"), &Device::Cpu)?;
-    let vb = VarBuilder::from_tensors(params, DType::F32, &Device::Cpu);
-    Engine::new(GPT::new(&config, vb)?, tokenizer()?)
-}
-
 fn options(max_problems: usize) -> ChatEvalOptions {
     ChatEvalOptions {
-        data_dir: shared().join("data"),
+        data: DataRoot::new(common::data()),
         max_problems: Some(max_problems),
         max_new_tokens: 24,
         batch_size: 2,
@@ -94,7 +62,7 @@ fn oracle(
 #[test]
 fn categorical_scoring_picks_the_argmax_letter() -> Result<()> {
     let tok = tokenizer()?;
-    let task = ArcTask::load(&DataRoot::new(shared().join("data")), ArcSubset::Easy, "test")?;
+    let task = ArcTask::load(&DataRoot::new(common::data()), ArcSubset::Easy, "test")?;
     let n = 60;
     let opts = options(n);
     let decoy = tok.encode(" the")[0];
@@ -118,7 +86,7 @@ fn categorical_scoring_picks_the_argmax_letter() -> Result<()> {
 #[test]
 fn mmlu_baseline_is_one_quarter() -> Result<()> {
     let tok = tokenizer()?;
-    let task = Mmlu::load(&DataRoot::new(shared().join("data")), "test")?;
+    let task = Mmlu::load(&DataRoot::new(common::data()), "test")?;
     let letter_b = tok.encode("B")[0];
     let tally = evaluate_categorical(&task, &tok, 8, &options(8), oracle(|_| letter_b, 0, tok.vocab_size()))?;
     assert_eq!(tally.chance / 8.0, 0.25);
@@ -208,7 +176,7 @@ fn the_samples_file_holds_every_completion_and_its_grade() -> Result<()> {
         assert_eq!((completions.len(), grades.len()), (2, 2));
         // The same completions again, from the engine directly: the file is what was graded.
         let again = nanochat::eval::chat::sample_problem(
-            nanochat::eval::chat::load_task("GSM8K", &nanochat::tasks::DataRoot::new(shared().join("data")))?.as_ref(),
+            nanochat::eval::chat::load_task("GSM8K", &DataRoot::new(common::data()))?.as_ref(),
             &engine,
             i,
             &nanochat::eval::chat::generate_options(&opts),
@@ -237,19 +205,11 @@ fn humaneval_and_spellingbee_run_end_to_end() -> Result<()> {
 fn the_command_loads_a_checkpoint_and_writes_the_json_report() -> Result<()> {
     // a base dir holding the fixture tokenizer and weights as SFT checkpoint d2, step 5
     let base = tempfile::tempdir()?;
-    let tok = tokenizer()?;
-    tok.save(&base.path().join("tokenizer"))?;
-    let params = candle_core::safetensors::load(shared().join("fixtures/model/params.safetensors"), &Device::Cpu)?;
-    checkpoint::save(
-        &base.path().join("chatsft_checkpoints/d2"),
-        &params,
-        None,
-        &Meta::new(5, config(), tok.fingerprint()),
-    )?;
+    common::fixture_checkpoint(base.path(), "chatsft_checkpoints")?;
     // only this test reads NANOCHAT_BASE_DIR; the others name their data directory
     std::env::set_var("NANOCHAT_BASE_DIR", base.path());
     let output = base.path().join("chat_eval.json");
-    let data = shared().join("data");
+    let data = common::data();
     let args = [
         "eval",
         "-a",

@@ -1,9 +1,12 @@
 //! Midtraining and SFT on a tiny model: a base checkpoint is pretrained in-test for 2 steps, then
 //! midtraining lowers the loss on a small repeated mixture, resumes exactly, and leaves a checkpoint
 //! the engine loads; SFT trains only on the assistant's tokens and leaves a loadable checkpoint; RL
-//! raises a toy reward and runs on GSM8K; the real mixtures build from the offline data mirror.
+//! raises a toy reward and runs on GSM8K; the original's mixtures build from the small data mirror
+//! (and the full one, with its sizes, when `NANOCHAT_DATA_MIRROR` names it).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -21,10 +24,6 @@ use nanochat::tasks::Task;
 use nanochat::train::mid::{self, split_off_val, MidArgs};
 use nanochat::train::rl::{self, RlArgs};
 use nanochat::train::sft::{self, collate, SftArgs};
-
-fn shared_data() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
-}
 
 /// Identity conversations, the same `copies` times over: easy to learn within a few steps.
 fn repeated_identity(copies: usize) -> Arc<dyn Task> {
@@ -222,15 +221,30 @@ fn sft_targets_are_ignored_exactly_where_the_mask_is_zero_or_padding() {
 }
 
 #[test]
-fn the_original_mixtures_build_from_the_data_mirror() {
-    let data = shared_data().to_string_lossy().into_owned();
+fn the_original_mixtures_build_from_the_data_mirrors() {
+    check_mixtures(&common::data(), false);
+    if let Some(full) = common::full_mirror("the_original_mixtures_build_from_the_data_mirrors") {
+        check_mixtures(&full, true);
+    }
+}
+
+/// Midtraining's mixture, 2% held out for validation (a rounded share on the small mirror's few
+/// hundred conversations), and SFT's, from the mirror `data` (`full`: the whole offline mirror).
+fn check_mixtures(data: &Path, full: bool) {
+    let data = data.to_string_lossy().into_owned();
     let args = mid_args(&["--data-dir", &data]);
     let (train, val) = mid::mid_mixture(&args.stage, args.val_fraction).unwrap();
-    assert!(val.len() * 49 < train.len() + val.len() && val.len() * 51 > train.len() + val.len());
+    let total = train.len() + val.len();
+    if full {
+        assert!(val.len() * 49 < total && val.len() * 51 > total);
+    } else {
+        assert!(!val.is_empty() && val.len() * 10 < total, "{} of {total} held out", val.len());
+    }
     // every task of the original mixture is in it
     assert!(train.name().contains("GSM8K") && train.name().contains("SpellingBee"), "{}", train.name());
     let (sft_train, sft_val) = sft::sft_mixture(&sft_args(&["--data-dir", &data]).stage).unwrap();
-    assert!(sft_train.len() > 10_000 && !sft_val.is_empty());
+    // the spelling tasks alone are 600 conversations
+    assert!(sft_train.len() > if full { 10_000 } else { 600 } && !sft_val.is_empty());
 }
 
 #[test]
@@ -390,7 +404,7 @@ fn rl_steps_on_a_toy_reward_raise_the_reward() {
 fn rl_runs_on_gsm8k_with_calculator_prompts() {
     let tmp = tempfile::tempdir().unwrap();
     let (tok, ckpt) = setup(tmp.path());
-    let root = nanochat::tasks::DataRoot::new(shared_data());
+    let root = nanochat::tasks::DataRoot::new(common::data());
     let gsm8k = nanochat::tasks::gsm8k::Gsm8k::load(&root, "test").unwrap();
     let argv = [
         "train",

@@ -1,20 +1,16 @@
 //! `render_conversation` / `render_for_completion` against the original's ids and masks
-//! (`shared/fixtures/tokenizer/conversations.json`), and the errors for malformed conversations.
+//! (`tests/fixtures/parity/conversations.json`), and the errors for malformed conversations.
+
+mod common;
 
 use nanochat::conversation::*;
 
-fn fixtures() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/tokenizer")
-}
-
 fn tokenizer() -> bpe::Tokenizer {
-    let path = fixtures().join("mergeable_ranks.tiktoken");
-    let tokens = bpe::format::parse_ranks(&std::fs::read_to_string(&path).unwrap(), &path).unwrap();
-    bpe::Tokenizer::from_tokens(tokens, bpe::DEFAULT_PATTERN).unwrap()
+    common::tokenizer().unwrap()
 }
 
 fn cases() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("conversations.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(common::parity("conversations.json")).unwrap()).unwrap()
 }
 
 fn list<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> Vec<T> {

@@ -1,6 +1,8 @@
 //! Shard download over real HTTP, against a small server on 127.0.0.1 started by each test that
 //! serves good files, drops connections mid-file and answers 404/500; and copying from a mirror.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -113,6 +115,7 @@ fn options(server: &Server, dir: &Path, shards: &[usize], attempts: u32) -> Down
         workers: 2,
         attempts,
         backoff: Duration::from_millis(10),
+        hub: None,
     }
 }
 
@@ -227,6 +230,7 @@ fn the_download_command_takes_shards_from_a_mirror() {
         num_shards: None,
         base_url: "http://127.0.0.1:9/unused".into(),
         from: Some(mirror.path().to_path_buf()),
+        data_dir: None,
         workers: 1,
         attempts: 1,
         dir: Some(dest.path().to_path_buf()),
@@ -248,8 +252,8 @@ fn zip_bytes(files: &[(&str, &[u8])]) -> Vec<u8> {
 
 #[test]
 fn the_core_eval_bundle_downloads_unpacks_and_loads() {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/eval/eval_bundle");
-    let read = |name: &str| std::fs::read(shared.join(name)).unwrap();
+    let bundle = common::data().join("eval/eval_bundle");
+    let read = |name: &str| std::fs::read(bundle.join(name)).unwrap();
     let (yaml, csv) = (read("core.yaml"), read("eval_meta_data.csv"));
     let good = zip_bytes(&[("eval_bundle/core.yaml", &yaml), ("eval_bundle/eval_meta_data.csv", &csv)]);
     let escaping = zip_bytes(&[("../evil.txt", b"x"), ("core.yaml", &yaml)]);

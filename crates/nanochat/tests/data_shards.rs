@@ -1,8 +1,10 @@
-//! Shards on disk: building them from local files, reading the real offline mirror, and the
+//! Shards on disk: building them from local files, reading the mirrors' real shards, and the
 //! errors a user sees for an empty directory, a corrupt file or a shard without `text`.
 
+mod common;
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use nanochat::data::dataset::{build, list_shards, split_shards, write_shard, BuildOptions, Shard, Split};
@@ -173,23 +175,29 @@ fn shard_without_text_column_is_explained() {
     assert!(err.contains("has no `text` column (columns: content, id)"), "{err}");
 }
 
-/// The offline mirror in `shared/`: one row group of the real data, read sparingly.
+/// The Gutenberg shards of the small data mirror, and of the full offline mirror when
+/// `NANOCHAT_DATA_MIRROR` names it: one row group of the real data, read sparingly.
 #[test]
-fn reads_a_row_group_of_the_gutenberg_mirror() {
-    let mirror = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/pretrain/gutenberg");
-    if !mirror.is_dir() {
-        eprintln!("skipped: no offline mirror at {}", mirror.display());
-        return;
+fn reads_a_row_group_of_the_gutenberg_mirrors() {
+    // the small mirror: the first 58 documents of the full one's first row group, 440 k characters
+    check_gutenberg(&common::data().join("pretrain/gutenberg"), 1, 58, 400_000..500_000);
+    if let Some(full) = common::full_mirror("reads_a_row_group_of_the_gutenberg_mirrors") {
+        check_gutenberg(&full.join("pretrain/gutenberg"), 7, 1024, 5_000_000..10_000_000);
     }
-    let val = split_shards(&mirror, Split::Val).unwrap();
+}
+
+/// Two training shards and the validation shard 00021; the first training shard has `row_groups`
+/// row groups, the first of `docs` documents of about 7,500 characters (`chars` in all).
+fn check_gutenberg(mirror: &Path, row_groups: usize, docs: usize, chars: std::ops::Range<usize>) {
+    let val = split_shards(mirror, Split::Val).unwrap();
     assert!(val[0].ends_with("shard_00021.parquet"));
-    let train = split_shards(&mirror, Split::Train).unwrap();
+    let train = split_shards(mirror, Split::Train).unwrap();
     assert_eq!(train.len(), 2);
     let shard = Shard::open(&train[0]).unwrap();
-    assert_eq!(shard.num_row_groups(), 7);
-    let docs = shard.read_texts(0).unwrap();
-    assert_eq!(docs.len(), 1024);
-    assert!(docs.iter().all(|d| !d.trim().is_empty()), "empty document");
-    let chars: usize = docs.iter().map(|d| d.chars().count()).sum();
-    assert!((5_000_000..10_000_000).contains(&chars), "about 7,500 chars per document, got {chars} in all");
+    assert_eq!(shard.num_row_groups(), row_groups);
+    let texts = shard.read_texts(0).unwrap();
+    assert_eq!(texts.len(), docs);
+    assert!(texts.iter().all(|d| !d.trim().is_empty()), "empty document");
+    let total: usize = texts.iter().map(|d| d.chars().count()).sum();
+    assert!(chars.contains(&total), "about 7,500 chars per document, got {total} in all");
 }

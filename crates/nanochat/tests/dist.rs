@@ -12,6 +12,8 @@
 //! .ci/run sets once it has installed OpenMPI) makes that a failure. The single-process communicator and the rank-strided
 //! loader have their own tests (src/dist.rs; tests/data_loader.rs, `ranks_together_...`).
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -141,16 +143,16 @@ fn argv(base: &Path, extra: &[&str]) -> Vec<String> {
 /// Whether this test can run: built with the `mpi` feature (else it skips: `cargo test` without
 /// features builds no MPI binary) and `mpirun` is installed (else it skips with a notice, or fails
 /// when NANOCHAT_REQUIRE_MPI is set).
-fn mpi_available() -> bool {
+fn mpi_available(test: &str) -> bool {
     if !cfg!(feature = "mpi") {
-        eprintln!("skipped: the MPI training test needs `cargo test --features mpi`");
+        common::skipped(test, "it needs `cargo test --features mpi`");
         return false;
     }
     if Command::new("mpirun").arg("--version").output().is_ok_and(|o| o.status.success()) {
         return true;
     }
     assert!(std::env::var_os("NANOCHAT_REQUIRE_MPI").is_none(), "NANOCHAT_REQUIRE_MPI is set but mpirun is missing");
-    eprintln!("skipped: the MPI training test needs mpirun (apt-get install openmpi-bin libopenmpi-dev)");
+    common::skipped(test, "it needs mpirun (apt-get install openmpi-bin libopenmpi-dev)");
     false
 }
 
@@ -247,7 +249,7 @@ fn params_of(state: &HashMap<String, Tensor>) -> BTreeSet<String> {
 
 #[test]
 fn two_mpi_ranks_train_like_one_process_with_the_same_global_batch() {
-    if !mpi_available() {
+    if !mpi_available("two_mpi_ranks_train_like_one_process_with_the_same_global_batch") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -352,10 +354,10 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-/// The first `n` lines of the mirror's `relative` file, written to the same path under `to`
-/// (gzipped again if it was).
+/// The first `n` lines of the small data mirror's `relative` file, written to the same path under
+/// `to` (gzipped again if it was).
 fn copy_head(to: &Path, relative: &str, n: usize) {
-    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data").join(relative);
+    let from = common::data().join(relative);
     let file = std::fs::File::open(&from).unwrap();
     let gz = relative.ends_with(".gz");
     let reader: Box<dyn BufRead> = if gz {
@@ -446,7 +448,7 @@ fn saved_by_rank_0_only(output: &str, saves: usize) {
 
 #[test]
 fn two_mpi_ranks_midtrain_like_one_process() {
-    if !mpi_available() {
+    if !mpi_available("two_mpi_ranks_midtrain_like_one_process") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -502,7 +504,7 @@ fn two_mpi_ranks_midtrain_like_one_process() {
 
 #[test]
 fn two_mpi_ranks_finetune_like_one_process() {
-    if !mpi_available() {
+    if !mpi_available("two_mpi_ranks_finetune_like_one_process") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -560,42 +562,21 @@ fn two_mpi_ranks_finetune_like_one_process() {
     assert!(!out.status.success() && text.contains("does not split evenly"), "{text}");
 }
 
-fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
-}
-
-/// The fixture model (tests/chat_eval.rs) and its tokenizer as checkpoint `<stage_dir>/d2` of
-/// step 5 under $NANOCHAT_BASE_DIR `base`.
+/// The fixture model and its tokenizer as checkpoint `<stage_dir>/d2` of step 5 under
+/// $NANOCHAT_BASE_DIR `base`.
 fn fixture_checkpoint(base: &Path, stage_dir: &str) {
-    let ranks = shared().join("fixtures/tokenizer/mergeable_ranks.tiktoken");
-    let text = std::fs::read_to_string(&ranks).unwrap();
-    let tok =
-        bpe::Tokenizer::from_tokens(bpe::format::parse_ranks(&text, &ranks).unwrap(), bpe::DEFAULT_PATTERN).unwrap();
-    tok.save(&base.join("tokenizer")).unwrap();
-    let params =
-        candle_core::safetensors::load(shared().join("fixtures/model/params.safetensors"), &Device::Cpu).unwrap();
-    let config = nanochat::model::GPTConfig {
-        sequence_len: 64,
-        vocab_size: 1024,
-        n_layer: 2,
-        n_head: 4,
-        n_kv_head: 2,
-        n_embd: 64,
-        rotary: Default::default(),
-    };
-    checkpoint::save(&base.join(stage_dir).join("d2"), &params, None, &Meta::new(5, config, tok.fingerprint()))
-        .unwrap();
+    common::fixture_checkpoint(base, stage_dir).unwrap();
 }
 
 #[test]
 fn chat_eval_under_two_mpi_ranks_scores_like_one_process() {
-    if !mpi_available() {
+    if !mpi_available("chat_eval_under_two_mpi_ranks_scores_like_one_process") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path();
     fixture_checkpoint(base, "chatsft_checkpoints");
-    let data = shared().join("data").to_string_lossy().into_owned();
+    let data = common::data().to_string_lossy().into_owned();
     // 7 problems per task: an odd count, so the ranks' shares differ in size.
     let eval = |output: &Path, dist: &str| {
         let out = output.to_string_lossy().into_owned();
@@ -649,7 +630,7 @@ fn chat_eval_under_two_mpi_ranks_scores_like_one_process() {
 
 #[test]
 fn base_eval_under_two_mpi_ranks_scores_like_one_process() {
-    if !mpi_available() {
+    if !mpi_available("base_eval_under_two_mpi_ranks_scores_like_one_process") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -659,7 +640,7 @@ fn base_eval_under_two_mpi_ranks_scores_like_one_process() {
         (0..100).map(|i| format!("Document {i}: the cat sat on the mat, and {} dogs watched.", i % 7)).collect();
     nanochat::data::dataset::write_shard(&base.join("data/shard_00000.parquet"), &docs).unwrap();
     nanochat::data::dataset::write_shard(&base.join("data/shard_00001.parquet"), &docs).unwrap();
-    let (bundle, data) = (shared().join("data/eval/eval_bundle"), base.join("data"));
+    let (bundle, data) = (common::data().join("eval/eval_bundle"), base.join("data"));
     // 3 items per CORE task and 5 validation batches of 2 rows of 64 tokens: odd counts, so that
     // the ranks' shares differ in size.
     let eval = |dist: &str| {
@@ -740,7 +721,7 @@ fn setup_rl(base: &Path) -> String {
 
 #[test]
 fn two_mpi_ranks_do_rl_like_one_process() {
-    if !mpi_available() {
+    if !mpi_available("two_mpi_ranks_do_rl_like_one_process") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -1,11 +1,12 @@
 //! The inference engine against nanochat v0: the fixture model's greedy generation
-//! (`shared/fixtures/model/generation.*`), KV-cache decoding against full recomputation, sampling
+//! (`tests/fixtures/parity/model/generation.*`), KV-cache decoding against full recomputation, sampling
 //! (seeds, top-k, several samples), the calculator tool's forced tokens
-//! (`shared/fixtures/calculator/`), stopping, a full KV cache reported as an error, and the native
+//! (`tests/fixtures/parity/calculator/`), stopping, a full KV cache reported as an error, and the native
 //! CPU backend generating exactly what the candle backend generates.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -16,47 +17,25 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::Value;
 
-fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-}
+use common::{fixture_engine, tokenizer};
 
 /// The fixture's `GPTConfig`.
 fn config() -> GPTConfig {
-    GPTConfig {
-        sequence_len: 64,
-        vocab_size: 1024,
-        n_layer: 2,
-        n_head: 4,
-        n_kv_head: 2,
-        n_embd: 64,
-        rotary: Default::default(),
-    }
-}
-
-fn tokenizer() -> Result<bpe::Tokenizer> {
-    let path = shared().join("tokenizer/mergeable_ranks.tiktoken");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(bpe::Tokenizer::from_tokens(bpe::format::parse_ranks(&text, &path)?, bpe::DEFAULT_PATTERN)?)
+    common::fixture_config().expect("the fixture's config")
 }
 
 fn load(file: &str) -> Result<HashMap<String, Tensor>> {
-    let path = shared().join("model").join(file);
+    let path = common::parity("model").join(file);
     candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))
 }
 
 fn json(file: &str) -> Result<Value> {
-    let path = shared().join(file);
+    let path = common::parity(file);
     Ok(serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)?)
 }
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
-/// The engine over the fixture's weights.
-fn fixture_engine() -> Result<Engine> {
-    let vb = VarBuilder::from_tensors(load("params.safetensors")?, DType::F32, &Device::Cpu);
-    Engine::new(GPT::new(&config(), vb)?, tokenizer()?)
 }
 
 fn fixture_prompt() -> Result<Vec<u32>> {

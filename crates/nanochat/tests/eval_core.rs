@@ -1,7 +1,10 @@
-//! CORE evaluation and bits per byte: the shared bundle parses completely; prompts and scored token
+//! CORE evaluation and bits per byte: the bundle parses completely (the small mirror's, and the full
+//! one when `NANOCHAT_DATA_MIRROR` names it); prompts and scored token
 //! spans of each task type match hand-written expectations (with a byte-level tokenizer, where
 //! token positions are byte positions); fake models with known losses give known accuracies; a
 //! tiny random GPT runs end to end, deterministically; bpb matches a hand computation.
+
+mod common;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -17,8 +20,9 @@ use nanochat::eval::{bits_per_byte, evaluate_core, BpbTotals, Bundle, Item, Lang
 use nanochat::model::decode::DecodeModel;
 use nanochat::model::{GPTConfig, GPT};
 
+/// The CORE bundle of the small data mirror: all 22 tasks, a few items each.
 fn bundle_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/eval/eval_bundle")
+    common::data().join("eval/eval_bundle")
 }
 
 /// Every byte is a token and id = byte value; BOS = 256.
@@ -48,7 +52,18 @@ fn core_yaml_parser_folds_quoted_scalars_as_yaml() {
 
 #[test]
 fn bundle_parses_with_items_and_baselines_for_all_22_tasks() {
-    let bundle = Bundle::load(&bundle_dir()).unwrap();
+    let full = common::full_mirror("bundle_parses_with_items_and_baselines_for_all_22_tasks");
+    for dir in std::iter::once(bundle_dir()).chain(full.map(|m| m.join("eval/eval_bundle"))) {
+        check_bundle(&dir);
+    }
+    let missing = Bundle::load(Path::new("/nonexistent")).unwrap_err().to_string();
+    assert!(missing.contains("--bundle-dir"), "{missing}");
+}
+
+/// Every task of the bundle in `dir` has its items (as many as its MANIFEST.json lists), a
+/// baseline and the original's delimiter.
+fn check_bundle(dir: &Path) {
+    let bundle = Bundle::load(dir).unwrap();
     assert_eq!(bundle.tasks.len(), 22);
     let count = |t: TaskType| bundle.tasks.iter().filter(|x| x.task_type == t).count();
     assert_eq!(
@@ -56,7 +71,7 @@ fn bundle_parses_with_items_and_baselines_for_all_22_tasks() {
         (11, 2, 9)
     );
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(bundle_dir().join("MANIFEST.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("MANIFEST.json")).unwrap()).unwrap();
     let answer_delimited: HashSet<&str> = ["jeopardy", "arc_easy", "arc_challenge", "piqa", "boolq"].into();
     for task in &bundle.tasks {
         let items = bundle.load_items(task).unwrap();
@@ -75,8 +90,6 @@ fn bundle_parses_with_items_and_baselines_for_all_22_tasks() {
         (hz.label.as_str(), hz.num_fewshot, hz.dataset_uri.as_str()),
         ("hellaswag_zeroshot", 0, "language_understanding/hellaswag.jsonl")
     );
-    let missing = Bundle::load(Path::new("/nonexistent")).unwrap_err().to_string();
-    assert!(missing.contains("--bundle-dir"), "{missing}");
 }
 
 /// Bytes of the row in `span`, as text.

@@ -4,6 +4,18 @@
 use candle_core::{DType, Device, Module, Tensor, Var};
 use nanochat::model::fused::{softcap_cross_entropy, Gemm, LogitsPool};
 use nanochat::model::ops::{cross_entropy_per_token, softcap};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+/// Normal(0, std) values of `shape`, drawn from `rng`: seeded, so that every run checks the same
+/// inputs and a failure can be replayed.
+fn randn(rng: &mut StdRng, std: f32, shape: impl Into<candle_core::Shape>) -> Tensor {
+    let shape = shape.into();
+    let normal = Normal::new(0f32, std).unwrap();
+    let values: Vec<f32> = (0..shape.elem_count()).map(|_| normal.sample(rng)).collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
@@ -12,8 +24,9 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn softcap_cross_entropy_matches_the_composition() {
     let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(0);
     for (n, v, seed) in [(1, 2, 0u64), (7, 13, 1), (33, 1000, 2), (64, 4099, 3)] {
-        let raw = (Tensor::randn(0f32, 8.0, (n, v), &dev).unwrap() + seed as f64).unwrap();
+        let raw = (randn(&mut rng, 8.0, (n, v)) + seed as f64).unwrap();
         let targets: Vec<i64> =
             (0..n as i64).map(|i| if i % 5 == 3 { -1 } else { (i * 7919 + seed as i64) % v as i64 }).collect();
         let targets = Tensor::new(targets.as_slice(), &dev).unwrap();
@@ -65,10 +78,10 @@ fn check(what: &str, fused: &Tensor, reference: &Tensor, tol: f32) {
 
 #[test]
 fn rms_norm_matches_the_composition() {
-    let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(0);
     for (shape, seed) in [(vec![1, 1], 0.0), (vec![3, 7], 1.0), (vec![2, 5, 64], 2.0), (vec![4, 33, 256], -3.0)] {
-        let raw = (Tensor::randn(0f32, 2.0, shape.as_slice(), &dev).unwrap() + seed).unwrap();
-        let w = Tensor::randn(0f32, 1.0, shape.as_slice(), &dev).unwrap();
+        let raw = (randn(&mut rng, 2.0, shape.as_slice()) + seed).unwrap();
+        let w = randn(&mut rng, 1.0, shape.as_slice());
         let (x1, x2) = (Var::from_tensor(&raw).unwrap(), Var::from_tensor(&raw).unwrap());
         let fused = nanochat::model::fused::rms_norm(x1.as_tensor()).unwrap();
         let reference = nanochat::model::ops::rms_norm(x2.as_tensor()).unwrap();
@@ -80,10 +93,10 @@ fn rms_norm_matches_the_composition() {
 
 #[test]
 fn relu_squared_matches_the_composition() {
-    let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(0);
     for n in [1usize, 7, 40_000] {
-        let raw = Tensor::randn(0f32, 1.0, (n,), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (n,), &dev).unwrap();
+        let raw = randn(&mut rng, 1.0, (n,));
+        let w = randn(&mut rng, 1.0, (n,));
         let (x1, x2) = (Var::from_tensor(&raw).unwrap(), Var::from_tensor(&raw).unwrap());
         let fused = nanochat::model::fused::relu_squared(x1.as_tensor()).unwrap();
         let reference = x2.as_tensor().relu().unwrap().sqr().unwrap();
@@ -96,10 +109,11 @@ fn relu_squared_matches_the_composition() {
 #[test]
 fn linear_matches_candle_linear() {
     let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(0);
     for (n, c, out) in [(1usize, 1usize, 1usize), (7, 5, 3), (130, 64, 96), (33, 256, 1024)] {
-        let xr = Tensor::randn(0f32, 1.0, (n, c), &dev).unwrap();
-        let wr = Tensor::randn(0f32, 0.5, (out, c), &dev).unwrap();
-        let up = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+        let xr = randn(&mut rng, 1.0, (n, c));
+        let wr = randn(&mut rng, 0.5, (out, c));
+        let up = randn(&mut rng, 1.0, (n, out));
         let (x1, w1) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
         let (x2, w2) = (Var::from_tensor(&xr).unwrap(), Var::from_tensor(&wr).unwrap());
         let fused = nanochat::model::fused::linear(x1.as_tensor(), w1.as_tensor(), Gemm::F32).unwrap();
@@ -126,9 +140,10 @@ fn rope_norm_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 #[test]
 fn rope_qk_norm_matches_the_composition() {
     let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(0);
     for (b, t, h, d) in [(1, 1, 1, 2), (2, 7, 3, 8), (2, 33, 4, 64)] {
-        let raw = Tensor::randn(0f32, 1.0, (b, t, h, d), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (b, t, h, d), &dev).unwrap();
+        let raw = randn(&mut rng, 1.0, (b, t, h, d));
+        let w = randn(&mut rng, 1.0, (b, t, h, d));
         let angles = Tensor::rand(0f32, 6.0, (t, 1, d / 2), &dev).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
         let (x1, x2) = (Var::from_tensor(&raw).unwrap(), Var::from_tensor(&raw).unwrap());
@@ -164,17 +179,17 @@ fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
 
 #[test]
 fn causal_attention_matches_the_composition() {
-    let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(0);
     // (B, Tq, Tk, H, Hkv, D): single token, odd lengths, more than one query block, GQA ratio 2,
     // a cached prefix (Tk > Tq)
     for (b, tq, tk, h, hkv, d) in
         [(1, 1, 1, 1, 1, 8), (2, 7, 7, 2, 1, 8), (1, 130, 130, 4, 2, 64), (2, 65, 65, 2, 2, 64), (1, 5, 12, 4, 2, 8)]
     {
         let shape = format!("{:?}", (b, tq, tk, h, hkv, d));
-        let qr = Tensor::randn(0f32, 1.0, (b, tq, h, d), &dev).unwrap();
-        let kr = Tensor::randn(0f32, 1.0, (b, tk, hkv, d), &dev).unwrap();
-        let vr = Tensor::randn(0f32, 1.0, (b, tk, hkv, d), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (b, tq, h, d), &dev).unwrap();
+        let qr = randn(&mut rng, 1.0, (b, tq, h, d));
+        let kr = randn(&mut rng, 1.0, (b, tk, hkv, d));
+        let vr = randn(&mut rng, 1.0, (b, tk, hkv, d));
+        let w = randn(&mut rng, 1.0, (b, tq, h, d));
         let vars =
             |_: ()| (Var::from_tensor(&qr).unwrap(), Var::from_tensor(&kr).unwrap(), Var::from_tensor(&vr).unwrap());
         let (q1, k1, v1) = vars(());
@@ -193,9 +208,10 @@ fn causal_attention_matches_the_composition() {
 #[test]
 fn lm_head_cross_entropy_matches_the_composition() {
     let dev = Device::Cpu;
+    let mut rng = StdRng::seed_from_u64(0);
     for (n, c, v) in [(1, 8, 3), (7, 16, 13), (65, 64, 1000)] {
-        let xr = Tensor::randn(0f32, 1.0, (n, c), &dev).unwrap();
-        let wr = Tensor::randn(0f32, 2.0, (v, c), &dev).unwrap();
+        let xr = randn(&mut rng, 1.0, (n, c));
+        let wr = randn(&mut rng, 2.0, (v, c));
         let targets: Vec<i64> = (0..n as i64).map(|i| if i % 5 == 3 { -1 } else { (i * 7919) % v as i64 }).collect();
         let targets = Tensor::new(targets.as_slice(), &dev).unwrap();
         let w = Tensor::rand(0f32, 1.0, n, &dev).unwrap();
@@ -220,8 +236,8 @@ fn lm_head_cross_entropy_matches_the_composition() {
         check(&format!("lm_head CE {:?} dw", (n, c, v)), &g1[1], &g2[1], 1e-5);
     }
     // a forward without backward, then one with: the pooled buffer must not leak between them
-    let xr = Tensor::randn(0f32, 1.0, (3, 8), &dev).unwrap();
-    let wr = Tensor::randn(0f32, 1.0, (5, 8), &dev).unwrap();
+    let xr = randn(&mut rng, 1.0, (3, 8));
+    let wr = randn(&mut rng, 1.0, (5, 8));
     let t = Tensor::new(&[0i64, 4, 2], &dev).unwrap();
     let pool = LogitsPool::default();
     let a = nanochat::model::fused::lm_head_cross_entropy(&xr, &wr, &t, 15.0, Gemm::F32, &pool).unwrap();

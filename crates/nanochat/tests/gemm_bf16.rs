@@ -1,16 +1,25 @@
 //! The AVX-512 BF16 GEMM against an f64 reference computed from the bf16-rounded operands (odd
 //! shapes, every operand layout, alpha, accumulation), the lm_head and linear kernels with their
 //! bf16 GEMMs against their f32 paths, and Muon's Newton–Schulz with bf16 GEMMs against v0's f32
-//! and bf16 iterations. Every test returns early, saying so, on a CPU without AVX-512 BF16.
+//! and bf16 iterations. Every test returns early, saying so, on a CPU without AVX-512 BF16 (and
+//! fails there instead when NANOCHAT_REQUIRE_BF16 is set).
+
+mod common;
 
 use candle_core::{Device, Tensor, Var};
 use nanochat::model::fused::{self, gemm_bf16, round_bf16, Gemm, LogitsPool, Mat};
 use nanochat::model::Kernels;
 
+/// Whether `test` cannot run here: the CPU lacks AVX-512 BF16 (it says so). With
+/// NANOCHAT_REQUIRE_BF16 set (CI sets it on a CPU that has the feature) that is a failure instead.
 fn skip(test: &str) -> bool {
     let skip = !fused::bf16_supported();
     if skip {
-        eprintln!("{test}: skipped, this CPU lacks AVX-512 BF16");
+        assert!(
+            std::env::var_os("NANOCHAT_REQUIRE_BF16").is_none(),
+            "NANOCHAT_REQUIRE_BF16 is set but {test} finds no AVX-512 BF16"
+        );
+        common::skipped(test, "this CPU lacks AVX-512 BF16");
     }
     skip
 }
@@ -201,9 +210,7 @@ fn muon_with_bf16_gemms_stays_within_v0s_bf16_gap() {
     if skip("muon_with_bf16_gemms_stays_within_v0s_bf16_gap") {
         return;
     }
-    let path =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/optim/muon.safetensors");
-    let f = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let f = candle_core::safetensors::load(common::parity("optim/muon.safetensors"), &Device::Cpu).unwrap();
     let get =
         |k: &str| f.get(k).unwrap_or_else(|| panic!("fixture has no {k}")).to_dtype(candle_core::DType::F32).unwrap();
     let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();

@@ -1,14 +1,25 @@
-//! The HumanEval task over the offline mirror: reference solutions pass in the sandbox, a wrong
+//! The HumanEval task over the small data mirror (every 16th problem) and, when
+//! `NANOCHAT_DATA_MIRROR` names it, the full one: reference solutions pass in the sandbox, a wrong
 //! one fails, and code is extracted from completions as the original does.
+
+mod common;
+
+use std::path::Path;
 
 use nanochat::conversation::Content;
 use nanochat::execution::{Limits, Outcome};
 use nanochat::tasks::humaneval::{extract_code, imports, program, HumanEval};
 use nanochat::tasks::{Answer, DataRoot, EvalType, Task};
 
+/// The problems of the small mirror: HumanEval/0, /16, /32, ... /160.
+const SAMPLE: usize = 11;
+
+fn load(root: &Path) -> HumanEval {
+    HumanEval::load(&DataRoot::new(root), Limits::default()).unwrap()
+}
+
 fn task() -> HumanEval {
-    let root = DataRoot::new(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
-    HumanEval::load(&root, Limits::default()).unwrap()
+    load(&common::data())
 }
 
 fn reply(example: &nanochat::tasks::Example) -> String {
@@ -19,21 +30,24 @@ fn reply(example: &nanochat::tasks::Example) -> String {
 }
 
 #[test]
-fn loads_all_164_problems_as_generative_conversations() {
-    let task = task();
-    assert_eq!(task.len(), 164);
-    assert_eq!(task.eval_type(), Some(EvalType::Generative));
-    let example = task.get(0).unwrap();
-    assert_eq!(example.answer, Answer::Final("HumanEval/0".to_string()));
-    let Content::Text(prompt) = &example.conversation.messages[0].content else { panic!("user message is text") };
-    assert!(reply(&example).starts_with(prompt.as_str()), "the reference reply is prompt + solution");
-    assert!(task.get(164).is_err());
+fn loads_the_problems_as_generative_conversations() {
+    let full = common::full_mirror("loads_the_problems_as_generative_conversations");
+    for (task, problems) in std::iter::once((task(), SAMPLE)).chain(full.map(|m| (load(&m), 164))) {
+        assert_eq!(task.len(), problems);
+        assert_eq!(task.eval_type(), Some(EvalType::Generative));
+        let example = task.get(0).unwrap();
+        assert_eq!(example.answer, Answer::Final("HumanEval/0".to_string()));
+        let Content::Text(prompt) = &example.conversation.messages[0].content else { panic!("user message is text") };
+        assert!(reply(&example).starts_with(prompt.as_str()), "the reference reply is prompt + solution");
+        assert!(task.get(problems).is_err());
+    }
+    assert_eq!(task().get(SAMPLE - 1).unwrap().answer, Answer::Final("HumanEval/160".to_string()));
 }
 
 #[test]
 fn a_sample_of_canonical_solutions_passes_in_the_sandbox() {
     let task = task();
-    for index in (0..task.len()).step_by(16) {
+    for index in 0..task.len() {
         let example = task.get(index).unwrap();
         // the reference reply, and the same wrapped in a fenced block as a chat model would write it
         let plain = reply(&example);
@@ -75,10 +89,11 @@ fn the_program_keeps_the_prompts_leading_imports() {
     assert!(program.ends_with("check(f)\n"));
 }
 
-/// All 164 reference solutions pass (about 10 s).
+/// All 164 reference solutions of the full mirror pass (about 10 s).
 #[test]
 fn every_canonical_solution_passes_in_the_sandbox() {
-    let task = task();
+    let Some(mirror) = common::full_mirror("every_canonical_solution_passes_in_the_sandbox") else { return };
+    let task = load(&mirror);
     let failures: Vec<usize> =
         (0..task.len()).filter(|&i| !task.evaluate(&task.get(i).unwrap(), &reply(&task.get(i).unwrap()))).collect();
     assert!(failures.is_empty(), "reference solutions failing: {failures:?}");

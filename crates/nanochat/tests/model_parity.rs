@@ -1,7 +1,9 @@
 //! Parity of the Rust GPT with nanochat v0, against the golden fixtures in
-//! `shared/fixtures/model/` (computed by the original in float32 on CPU): logits, losses,
+//! `tests/fixtures/parity/model/` (computed by the original in float32 on CPU): logits, losses,
 //! activations, every gradient, the rotary tables, the KV-cache path and greedy generation,
 //! plus the statistics of a fresh init. Each comparison prints its max differences.
+
+mod common;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,7 +14,7 @@ use candle_nn::VarMap;
 use nanochat::model::{named_vars, GPTConfig, Init, KvCache, Reduction, GPT};
 
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/model")
+    common::parity("model")
 }
 
 fn load(file: &str) -> Result<HashMap<String, Tensor>> {
@@ -26,15 +28,7 @@ fn get<'a>(map: &'a HashMap<String, Tensor>, key: &str) -> Result<&'a Tensor> {
 
 /// The fixture's `GPTConfig`.
 fn config() -> GPTConfig {
-    GPTConfig {
-        sequence_len: 64,
-        vocab_size: 1024,
-        n_layer: 2,
-        n_head: 4,
-        n_kv_head: 2,
-        n_embd: 64,
-        rotary: Default::default(),
-    }
+    common::fixture_config().expect("the fixture's config")
 }
 
 /// The model with the fixture's weights, loaded by name into the VarMap of a fresh init.
@@ -191,7 +185,16 @@ fn kv_cache_generation_matches_v0_engine() -> Result<()> {
 
 #[test]
 fn fresh_init_follows_v0_init() -> Result<()> {
-    let cfg = config();
+    // wider than the fixture model, for enough samples per tensor; the same vocabulary as its batch
+    let cfg = GPTConfig {
+        sequence_len: 64,
+        vocab_size: 1024,
+        n_layer: 2,
+        n_head: 4,
+        n_kv_head: 2,
+        n_embd: 64,
+        rotary: Default::default(),
+    };
     let (model, varmap) = GPT::init(&cfg, 42, &Device::Cpu)?;
     for ((name, var), spec) in named_vars(&cfg, &varmap)?.into_iter().zip(cfg.params()) {
         let values = flat(var.as_tensor())?;

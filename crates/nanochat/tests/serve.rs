@@ -6,8 +6,9 @@
 //! and never stops: a generation that keeps a worker busy for as long as a test needs (queue
 //! full, disconnect, time limit).
 
-#[path = "serve/common.rs"]
 mod common;
+#[path = "serve/common.rs"]
+mod serve_common;
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -15,11 +16,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use common::*;
 use nanochat::engine::GenerateOptions;
 use nanochat::serve::workers::{Event, Pool};
 use nanochat::serve::{Server, ServerConfig};
 use serde_json::{json, Value};
+use serve_common::*;
 use std::sync::atomic::Ordering;
 
 #[test]
@@ -332,7 +333,10 @@ fn the_official_openai_python_client_works_against_v1() -> Result<()> {
     let has_client = Command::new("python3").args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
     if !has_client {
         assert!(std::env::var_os("NANOCHAT_REQUIRE_OPENAI").is_none(), "the openai Python package is not installed");
-        eprintln!("skipped: `pip install openai` to run the official client against the server");
+        common::skipped(
+            "the_official_openai_python_client_works_against_v1",
+            "`pip install openai` to run the official client against the server",
+        );
         return Ok(());
     }
     let engine = fixture_engine()?;
@@ -422,7 +426,10 @@ fn the_ui_works_in_a_real_browser() -> Result<()> {
             std::env::var_os("NANOCHAT_REQUIRE_BROWSER").is_none(),
             "chromium, chromium-driver or selenium missing"
         );
-        eprintln!("skipped: apt-get install chromium chromium-driver && pip install selenium to run the browser test");
+        common::skipped(
+            "the_ui_works_in_a_real_browser",
+            "apt-get install chromium chromium-driver && pip install selenium to run the browser test",
+        );
         return Ok(());
     }
     let engine = fixture_engine()?;

@@ -3,7 +3,6 @@
 //! the native API's new fields and the calculator shown as text, CORS, API keys, JSON bodies on
 //! 404/405, and `/metrics` parsed as Prometheus text.
 
-#[path = "serve/common.rs"]
 #[allow(dead_code)]
 mod common;
 #[path = "serve/fixture.rs"]
@@ -11,6 +10,9 @@ mod fixture;
 #[path = "serve/oracle.rs"]
 #[allow(dead_code)]
 mod oracle;
+#[path = "serve/common.rs"]
+#[allow(dead_code, unused_imports)]
+mod serve_common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -18,12 +20,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::{get, parse, post_json, sse_events, Reply};
 use fixture::{random_engine, random_engine_on, scripted_engine, Say};
 use nanochat::engine::{Backend, Engine, GenerateOptions};
 use nanochat::serve::ServerConfig;
 use oracle::{chat_prompt, config, expect, serve};
 use serde_json::{json, Value};
+use serve_common::{get, parse, post_json, sse_events, Reply};
 
 /// A request with extra headers.
 fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Result<Reply> {

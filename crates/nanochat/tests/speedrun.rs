@@ -1,14 +1,16 @@
-//! `nanochat speedrun`, run as the binary on a temporary `$NANOCHAT_BASE_DIR` with the offline
-//! data mirror: the presets are valid command lines; the `micro` preset runs every stage and leaves
+//! `nanochat speedrun`, run as the binary on a temporary `$NANOCHAT_BASE_DIR` with the small data
+//! mirror (tests/fixtures/mirror): the presets are valid command lines; the `micro` preset runs every stage and leaves
 //! each one's output and the report; an interrupted training stage resumes from its checkpoint to
 //! the same bytes; a rerun skips finished stages; a changed stage reruns with every stage after it.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
 
 fn mirror() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data")
+    common::data()
 }
 
 /// Runs `nanochat speedrun ARGS` on `base`; returns whether it succeeded and its output (stdout, then stderr).
@@ -19,6 +21,12 @@ fn speedrun(base: &Path, args: &[&str]) -> (bool, String) {
         .env("NANOCHAT_BASE_DIR", base)
         .env_remove("NANOCHAT_DATA_MIRROR")
         .env_remove("NANOCHAT_DATA_DIR")
+        // no test touches the internet: the online sources are a closed port here
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env_remove("NANOCHAT_DATA_URL")
+        .env("NANOCHAT_EVAL_BUNDLE_URL", "http://127.0.0.1:9/eval_bundle.zip")
+        .env("NANOCHAT_IDENTITY_URL", "http://127.0.0.1:9/identity_conversations.jsonl")
+        .env("NANOCHAT_WORDS_URL", "http://127.0.0.1:9/words_alpha.txt")
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
@@ -64,9 +72,10 @@ fn presets_are_valid_and_errors_say_what_to_do() {
         let plan = speedrun_ok(base, &["--preset", preset, "--dry-run", "--data-dir", data]);
         assert!(plan.contains("base-train") && plan.contains("nanochat sft train"), "{plan}");
     }
-    // without a mirror, the stages that have no online source yet are named up front
+    // without a mirror every stage has its online source: the plan lists what it would download
+    // (tests/speedrun_online.rs checks the list against a local server)
     let (ok, text) = speedrun(base, &["--preset", "d20", "--dry-run"]);
-    assert!(!ok && text.contains("mid-train") && text.contains("--data-dir"), "{text}");
+    assert!(ok && text.contains("mid-train") && text.contains("downloads into"), "{text}");
 
     // a user's preset: the JSON of a built-in one, edited; a typo in a stage fails before anything runs
     let json = speedrun_ok(base, &["--preset", "micro", "--show-preset"]);

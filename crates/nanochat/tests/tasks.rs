@@ -1,6 +1,9 @@
-//! The task datasets against the offline mirror (`shared/data`): sizes as its README lists them,
-//! the first examples of each task in exactly the original's format, grading, generated tasks'
-//! consistency with the calculator, and the combinators' determinism and coverage.
+//! The task datasets against the small data mirror (`tests/fixtures/mirror`) and, for their sizes,
+//! the full offline mirror when `NANOCHAT_DATA_MIRROR` names it: every row read, the first examples of
+//! each task in exactly the original's format, grading, generated tasks' consistency with the
+//! calculator, and the combinators' determinism and coverage.
+
+mod common;
 
 use std::sync::{Arc, OnceLock};
 
@@ -16,17 +19,12 @@ use nanochat::tasks::spelling::{load_words, SimpleSpelling, SpellingBee, Split};
 use nanochat::tasks::*;
 
 fn root() -> DataRoot {
-    DataRoot::new(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"))
+    DataRoot::new(common::data())
 }
 
 fn tokenizer() -> &'static bpe::Tokenizer {
     static TOK: OnceLock<bpe::Tokenizer> = OnceLock::new();
-    TOK.get_or_init(|| {
-        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/fixtures/tokenizer/mergeable_ranks.tiktoken");
-        let tokens = bpe::format::parse_ranks(&std::fs::read_to_string(&path).unwrap(), &path).unwrap();
-        bpe::Tokenizer::from_tokens(tokens, bpe::DEFAULT_PATTERN).unwrap()
-    })
+    TOK.get_or_init(|| common::tokenizer().unwrap())
 }
 
 fn words() -> Arc<[String]> {
@@ -36,7 +34,7 @@ fn words() -> Arc<[String]> {
 
 fn sharegpt_train() -> &'static ChatData {
     static DATA: OnceLock<ChatData> = OnceLock::new();
-    DATA.get_or_init(|| ChatData::sharegpt(&root(), "train").unwrap())
+    DATA.get_or_init(|| ChatData::load(&root(), "train").unwrap())
 }
 
 fn text(message: &Message) -> &str {
@@ -57,25 +55,53 @@ fn part(kind: PartKind, text: &str) -> Part {
     Part { kind, text: text.to_string() }
 }
 
+/// Rows per file of a mirror: ARC (Easy validation, test; Challenge validation, test), MMLU (dev,
+/// validation, test), GSM8K (train, test), chat data (train, test) and the word list.
+struct Lengths {
+    arc: [usize; 4],
+    mmlu: [usize; 3],
+    gsm8k: [usize; 2],
+    chat: [usize; 2],
+    words: usize,
+}
+
+/// Every row of each file is read (and no chat conversation skipped).
+fn check_lengths(r: &DataRoot, want: Lengths) {
+    let arc = |s, split| ArcTask::load(r, s, split).unwrap().len();
+    assert_eq!(arc(ArcSubset::Easy, "validation"), want.arc[0]);
+    assert_eq!(arc(ArcSubset::Easy, "test"), want.arc[1]);
+    assert_eq!(arc(ArcSubset::Challenge, "validation"), want.arc[2]);
+    assert_eq!(arc(ArcSubset::Challenge, "test"), want.arc[3]);
+    assert_eq!(Mmlu::load(r, "dev").unwrap().len(), want.mmlu[0]);
+    assert_eq!(Mmlu::load(r, "validation").unwrap().len(), want.mmlu[1]);
+    assert_eq!(Mmlu::load(r, "test").unwrap().len(), want.mmlu[2]);
+    assert_eq!(Gsm8k::load(r, "train").unwrap().len(), want.gsm8k[0]);
+    assert_eq!(Gsm8k::load(r, "test").unwrap().len(), want.gsm8k[1]);
+    for (split, n) in ["train", "test"].into_iter().zip(want.chat) {
+        let chat = ChatData::load(r, split).unwrap();
+        assert_eq!((chat.len(), chat.skipped()), (n, 0), "{split}");
+    }
+    let words = load_words(r).unwrap();
+    assert_eq!(words.len(), want.words);
+    assert!(words.iter().all(|w| !w.contains('\r') && !w.is_empty()));
+}
+
 #[test]
-fn lengths_match_the_mirror() {
-    let r = root();
-    let arc = |s, split| ArcTask::load(&r, s, split).unwrap().len();
-    assert_eq!(arc(ArcSubset::Easy, "validation"), 570);
-    assert_eq!(arc(ArcSubset::Easy, "test"), 2376);
-    assert_eq!(arc(ArcSubset::Challenge, "validation"), 299);
-    assert_eq!(arc(ArcSubset::Challenge, "test"), 1172);
-    assert_eq!(Mmlu::load(&r, "dev").unwrap().len(), 285);
-    assert_eq!(Mmlu::load(&r, "validation").unwrap().len(), 1531);
-    assert_eq!(Mmlu::load(&r, "test").unwrap().len(), 14042);
-    assert_eq!(Gsm8k::load(&r, "train").unwrap().len(), 7473);
-    assert_eq!(Gsm8k::load(&r, "test").unwrap().len(), 1319);
-    assert_eq!(sharegpt_train().len(), 16422);
-    assert_eq!(sharegpt_train().skipped(), 0);
-    let test = ChatData::sharegpt(&r, "test").unwrap();
-    assert_eq!((test.len(), test.skipped()), (864, 0));
-    assert_eq!(words().len(), 370_099);
-    assert!(words().iter().all(|w| !w.contains('\r') && !w.is_empty()));
+fn lengths_match_the_mirrors() {
+    // tests/fixtures/README.md lists these; the word list keeps the original's CRLF line ends
+    let small = Lengths { arc: [10, 60, 10, 10], mmlu: [10, 10, 10], gsm8k: [10, 10], chat: [60, 10], words: 2001 };
+    check_lengths(&root(), small);
+    if let Some(full) = common::full_mirror("lengths_match_the_mirrors") {
+        // as the full mirror's README lists them
+        let want = Lengths {
+            arc: [570, 2376, 299, 1172],
+            mmlu: [285, 1531, 14042],
+            gsm8k: [7473, 1319],
+            chat: [16422, 864],
+            words: 370_099,
+        };
+        check_lengths(&DataRoot::new(full), want);
+    }
 }
 
 #[test]
@@ -261,7 +287,7 @@ fn every_task_renders() {
         Arc::new(ArcTask::load(&r, ArcSubset::Challenge, "test").unwrap()),
         Arc::new(Mmlu::load(&r, "validation").unwrap()),
         Arc::new(Gsm8k::load(&r, "test").unwrap()),
-        Arc::new(ChatData::sharegpt(&r, "test").unwrap()),
+        Arc::new(ChatData::load(&r, "test").unwrap()),
         Arc::new(SpellingBee::new(words(), 1000, Split::Test)),
         Arc::new(SimpleSpelling::new(words(), 1000, Split::Train)),
         Arc::new(Identity::new(1000, 0)),
@@ -414,7 +440,7 @@ fn slices_and_shuffles() {
     let arc: Arc<dyn Task> = Arc::new(ArcTask::load(&root(), ArcSubset::Easy, "validation").unwrap());
     let sub = Subset::shuffled(arc.clone(), 5);
     assert_eq!(sub.eval_type(), Some(EvalType::Categorical));
-    assert_eq!(sub.len(), 570);
+    assert_eq!(sub.len(), 10);
 }
 
 #[test]

@@ -27,8 +27,9 @@ use serde_json::json;
 
 use super::quality;
 use crate::checkpoint;
-use crate::data::dataset::{self, Split};
+use crate::data::dataset::Split;
 use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::ShardArgs;
 use crate::model::decode::{DecodeModel, WeightFormat};
 use crate::model::{KvCache, GPT};
 
@@ -52,12 +53,12 @@ pub struct DecodeBenchArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
     pub weights: Vec<WeightFormat>,
     /// Instead of speed, score the --checkpoint model in f32, bf16 and int8 on this many
-    /// validation rows of its sequence length (from the last shard under --data-dir).
+    /// validation rows of its sequence length (from the last shard, see --shard-dir and --data-dir).
     #[arg(long, requires = "checkpoint")]
     pub quality: Option<usize>,
-    /// Shard directory for --quality [default: $NANOCHAT_BASE_DIR/base_data].
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    /// Where the validation shard for --quality is (the last shard).
+    #[command(flatten)]
+    pub shards: ShardArgs,
 }
 
 /// Prompt length of the decode runs.
@@ -196,7 +197,7 @@ fn run_quality(args: &DecodeBenchArgs, rows: usize) -> Result<()> {
     let tokenizer = crate::tokenizer::load()?;
     let gpt = build_model(args, Some(&tokenizer))?;
     let seq_len = gpt.config().sequence_len;
-    let data_dir = args.data_dir.clone().unwrap_or_else(dataset::data_dir);
+    let data_dir = args.shards.dir()?;
     let rows = validation_rows(&tokenizer, &data_dir, seq_len, rows)?;
     let token_bytes = tokenizer.token_bytes();
     println!(

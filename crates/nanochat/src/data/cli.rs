@@ -7,25 +7,29 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 
-use super::dataset::{build, data_dir, split_shards, BuildOptions, Split};
-use super::download::{download, link_from, DownloadOptions, DEFAULT_BASE_URL, DEFAULT_NUM_SHARDS};
+use super::dataset::{self, build, split_shards, BuildOptions, Split};
+use super::download::{download, link_from, DownloadOptions};
 use super::loader::{Loader, LoaderConfig, Packing};
+use super::sources::{Endpoints, RemoteFile, PRETRAIN_NUM_SHARDS};
+use super::{mirror_shards, ShardArgs, MIRROR_HELP};
 use crate::common::base_dir;
 
 #[derive(Debug, Subcommand)]
 pub enum DataCommand {
     /// Download pretraining shards into $NANOCHAT_BASE_DIR/base_data (the last shard is validation)
     Download {
-        /// Number of shards, shard_00000 onwards [default: all 1,823 (~170 GB); with --from: all]
+        /// Number of shards, shard_00000 onwards [default: all 1,823 (~170 GB); with --from or --data-dir: all]
         #[arg(short = 'n', long)]
         num_shards: Option<usize>,
-        /// Where the shards are served
-        #[arg(long, env = "NANOCHAT_DATA_URL", default_value = DEFAULT_BASE_URL)]
+        /// Where the shards are served [default: the original's FineWeb-Edu shards on the Hugging Face
+        /// hub, $HF_ENDPOINT/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main]
+        #[arg(long, env = "NANOCHAT_DATA_URL", default_value_t = Endpoints::from_env().pretrain, hide_default_value = true)]
         base_url: String,
-        /// Take the shards from a local mirror instead (hard links when possible, else copies),
-        /// e.g. ../shared/data/pretrain/gutenberg
+        /// Take the shards from a local directory of shards instead (hard links when possible, else copies)
         #[arg(long, value_name = "DIR")]
         from: Option<PathBuf>,
+        #[arg(long, env = "NANOCHAT_DATA_MIRROR", value_name = "DIR", help = MIRROR_HELP)]
+        data_dir: Option<PathBuf>,
         /// Parallel downloads
         #[arg(long, default_value_t = 4)]
         workers: usize,
@@ -33,7 +37,7 @@ pub enum DataCommand {
         #[arg(long, default_value_t = 5)]
         attempts: u32,
         /// Destination shard directory [default: $NANOCHAT_BASE_DIR/base_data]
-        #[arg(long = "data-dir", env = "NANOCHAT_DATA_DIR", value_name = "DIR")]
+        #[arg(long = "shard-dir", value_name = "DIR")]
         dir: Option<PathBuf>,
     },
     /// Build shards from local .txt, .jsonl (field `text`), .txt.gz, .jsonl.gz or .parquet files
@@ -56,9 +60,8 @@ pub enum DataCommand {
     },
     /// Measure loader throughput (tokens/s) on the training shards for each tokenizer thread count
     Bench {
-        /// Shard directory [default: $NANOCHAT_BASE_DIR/base_data]
-        #[arg(long = "data-dir", env = "NANOCHAT_DATA_DIR", value_name = "DIR")]
-        dir: Option<PathBuf>,
+        #[command(flatten)]
+        shards: ShardArgs,
         /// Tokenizer directory [default: $NANOCHAT_BASE_DIR/tokenizer]
         #[arg(long, value_name = "DIR")]
         tokenizer: Option<PathBuf>,
@@ -77,17 +80,36 @@ pub enum DataCommand {
     },
 }
 
+impl DataCommand {
+    /// What running this command downloads: the shards, when it takes them from no local copy.
+    pub fn downloads(&self) -> Vec<RemoteFile> {
+        match self {
+            DataCommand::Download { num_shards, base_url, from: None, data_dir: None, dir, .. } => {
+                let dir = dir.clone().unwrap_or_else(dataset::data_dir);
+                (0..num_shards.unwrap_or(PRETRAIN_NUM_SHARDS)).map(|i| RemoteFile::shard(base_url, &dir, i)).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
-        DataCommand::Download { num_shards, base_url, from, workers, attempts, dir } => {
-            let dir = dir.unwrap_or_else(data_dir);
-            if let Some(mirror) = from {
+        DataCommand::Download { num_shards, base_url, from, data_dir, workers, attempts, dir } => {
+            let dir = dir.unwrap_or_else(dataset::data_dir);
+            let local = match (from, data_dir) {
+                (Some(from), _) => Some(from),
+                (None, Some(mirror)) => Some(mirror_shards(&mirror)?),
+                (None, None) => None,
+            };
+            if let Some(mirror) = local {
                 let added = link_from(&mirror, &dir, num_shards)?;
                 println!("{added} shards added to {} from {}", dir.display(), mirror.display());
                 return Ok(());
             }
-            let n = num_shards.unwrap_or(DEFAULT_NUM_SHARDS);
+            let n = num_shards.unwrap_or(PRETRAIN_NUM_SHARDS);
             let opts = DownloadOptions {
+                hub: Endpoints::from_env().hub_for(&base_url),
                 base_url,
                 shards: (0..n).collect(),
                 dir: dir.clone(),
@@ -99,7 +121,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             println!("{fetched} shards downloaded, {} already present, in {}", n - fetched, dir.display());
         }
         DataCommand::Build { from, out, shard_chars, val_every, max_doc_chars } => {
-            let out = out.unwrap_or_else(data_dir);
+            let out = out.unwrap_or_else(dataset::data_dir);
             let opts = BuildOptions { out: out.clone(), shard_chars, val_every, max_doc_chars };
             let s = build(&from, &opts)?;
             println!(
@@ -110,8 +132,8 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 out.display()
             );
         }
-        DataCommand::Bench { dir, tokenizer, threads, batch_size, seq_len, batches, packing } => {
-            let dir = dir.unwrap_or_else(data_dir);
+        DataCommand::Bench { shards, tokenizer, threads, batch_size, seq_len, batches, packing } => {
+            let dir = shards.dir()?;
             let tok_dir = tokenizer.unwrap_or_else(|| base_dir().join("tokenizer"));
             let tok = bpe::Tokenizer::load(&tok_dir).with_context(|| {
                 format!("loading the tokenizer from {} (train one with `nanochat tok train`)", tok_dir.display())

@@ -127,7 +127,13 @@ impl Shard {
     }
 
     fn read_row_group(&self, index: usize) -> Result<Vec<String>> {
-        let context = || format!("reading row group {index} of {}", self.path.display());
+        let context = || {
+            format!(
+                "reading row group {index} of {}: the file is damaged (a corrupt page); delete it and download \
+                 it again (`nanochat data download`), or build it again",
+                self.path.display()
+            )
+        };
         let row_group = self.reader.get_row_group(index).with_context(context)?;
         // the footer's row count sizes the buffers: no more than a row group's worth, whatever it says
         let rows = usize::try_from(row_group.metadata().num_rows()).unwrap_or(0).min(ROW_GROUP_DOCS);
@@ -137,12 +143,17 @@ impl Shard {
         };
         let mut values: Vec<ByteArray> = Vec::with_capacity(rows);
         let mut levels = Vec::with_capacity(rows);
-        loop {
-            let (records, _, _) =
-                column.read_records(ROW_GROUP_DOCS, Some(&mut levels), None, &mut values).with_context(context)?;
-            if records == 0 {
-                break;
+        // The decoders panic on some corrupt pages rather than failing: contain that.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loop {
+            match column.read_records(ROW_GROUP_DOCS, Some(&mut levels), None, &mut values) {
+                Ok((0, _, _)) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
             }
+        }));
+        match read {
+            Ok(result) => result.with_context(context)?,
+            Err(_) => bail!("{}: the parquet decoder failed", context()),
         }
         Ok(values.iter().map(|v| String::from_utf8_lossy(v.data()).into_owned()).collect())
     }

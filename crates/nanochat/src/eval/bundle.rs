@@ -7,89 +7,29 @@
 //! names the line. The CSV is read the same way: quoted fields with commas, one record per line.
 //!
 //! Where the bundle comes from: the original downloads `eval_bundle.zip` from its S3 bucket into
-//! `$NANOCHAT_BASE_DIR/eval_bundle`; [`Bundle::load_or_download`] does the same (the URL can be
-//! changed with `NANOCHAT_EVAL_BUNDLE_URL`), and `--bundle-dir` points at a copy on disk instead.
+//! `$NANOCHAT_BASE_DIR/eval_bundle`; [`Bundle::ensure`] does the same (the URL can be changed with
+//! `NANOCHAT_EVAL_BUNDLE_URL`), while a data mirror (`--data-dir`) holds it as `eval/eval_bundle`
+//! and `--bundle-dir` points at any copy on disk.
 
 use std::collections::HashMap;
-use std::path::{Component, Path, PathBuf};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-/// Where the original downloads the bundle from.
-pub const BUNDLE_URL: &str = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip";
+use crate::data::download::fetch_unpacked;
+use crate::data::sources::Retry;
 
-/// Downloads the zip archive at `url` and unpacks it as the directory `dir`, which must not exist.
-/// The archive's files may sit under one top folder (the original's has `eval_bundle/`); it must
-/// hold a `core.yaml`. `dir` appears complete or not at all: the files are unpacked next to it
-/// under a hidden name and renamed at the end. Entries that would land outside `dir` are refused.
+/// Downloads the zip archive at `url` and unpacks it as the directory `dir` (see
+/// [`fetch_unpacked`]): the original's archive has its files under one top folder, which is
+/// dropped, and it must hold a `core.yaml`. Nothing happens when `dir` holds one already.
 pub fn download(url: &str, dir: &Path) -> Result<()> {
-    let name = dir.file_name().with_context(|| format!("{} has no directory name", dir.display()))?;
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let archive = parent.join(format!(".{}.zip", name.to_string_lossy()));
-    let staging = parent.join(format!(".{}.unpacking", name.to_string_lossy()));
-    let opens = |path: &Path| -> Result<()> {
-        let file = std::fs::File::open(path)?;
-        zip::ZipArchive::new(file).map(|_| ()).context("the downloaded file is not a zip archive")
-    };
-    let agent = crate::data::download::http_agent();
-    crate::data::download::fetch_file(&agent, url, &archive, 3, Duration::from_secs(2), &opens)?;
-    let result = unpack(&archive, &staging).and_then(|()| {
-        std::fs::rename(&staging, dir).with_context(|| format!("renaming {} to {}", staging.display(), dir.display()))
-    });
-    let _ = std::fs::remove_file(&archive);
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
+    let bar = crate::common::progress_bar(0, "download");
+    let retry = Retry { attempts: 3, ..Retry::default() };
+    let result = fetch_unpacked(&crate::data::download::http_agent(), url, dir, "core.yaml", Some(&bar), retry);
+    bar.finish_and_clear();
     result
-}
-
-/// Unpacks the zip `archive` into `dest` (emptied first), dropping a single top folder.
-fn unpack(archive: &Path, dest: &Path) -> Result<()> {
-    let file = std::fs::File::open(archive).with_context(|| format!("opening {}", archive.display()))?;
-    let mut zip = zip::ZipArchive::new(file).with_context(|| format!("{} is not a zip archive", archive.display()))?;
-    let mut entries = Vec::with_capacity(zip.len());
-    for i in 0..zip.len() {
-        let entry = zip.by_index(i).with_context(|| format!("reading entry {i} of {}", archive.display()))?;
-        // `enclosed_name` refuses absolute paths and `..`: nothing is written outside `dest`
-        let path = entry.enclosed_name().with_context(|| format!("unsafe path {:?} in the archive", entry.name()))?;
-        entries.push((i, path, entry.is_dir()));
-    }
-    let top = |p: &Path| match p.components().next() {
-        Some(Component::Normal(c)) => Some(c.to_os_string()),
-        _ => None,
-    };
-    let shared_top = entries.first().and_then(|(_, p, _)| top(p)).filter(|t| {
-        entries.iter().all(|(_, p, is_dir)| top(p).as_ref() == Some(t) && (p.components().count() > 1 || *is_dir))
-    });
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).with_context(|| format!("removing the leftover {}", dest.display()))?;
-    }
-    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
-    for (i, path, is_dir) in entries {
-        let relative = match &shared_top {
-            Some(t) => path.strip_prefix(t).map(Path::to_path_buf).unwrap_or(path),
-            None => path,
-        };
-        let out = dest.join(&relative);
-        if is_dir {
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            continue;
-        }
-        if let Some(parent) = out.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        }
-        let mut entry = zip.by_index(i).with_context(|| format!("reading entry {i} of {}", archive.display()))?;
-        let mut file = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
-        std::io::copy(&mut entry, &mut file).with_context(|| format!("unpacking {}", relative.display()))?;
-    }
-    if !dest.join("core.yaml").is_file() {
-        bail!("the archive has no core.yaml: it is not a CORE eval bundle");
-    }
-    Ok(())
 }
 
 /// How a task's items are scored (`icl_task_type` in `core.yaml`).
@@ -150,18 +90,17 @@ impl Bundle {
         crate::common::base_dir().join("eval_bundle")
     }
 
-    /// [`Bundle::load`], after downloading the bundle into `dir` from `NANOCHAT_EVAL_BUNDLE_URL`
-    /// (default: the original's [`BUNDLE_URL`]) when `dir` does not exist yet.
-    pub fn load_or_download(dir: &Path) -> Result<Self> {
-        if !dir.exists() {
-            let url = std::env::var("NANOCHAT_EVAL_BUNDLE_URL").unwrap_or_else(|_| BUNDLE_URL.to_string());
+    /// Makes sure the bundle is in `dir`, downloading it from `url` when it is not (the
+    /// original's is [`crate::data::sources::EVAL_BUNDLE_URL`]).
+    pub fn ensure(dir: &Path, url: &str) -> Result<()> {
+        if !dir.join("core.yaml").is_file() {
             eprintln!("downloading the CORE eval bundle from {url} into {}", dir.display());
-            download(&url, dir).context(
-                "downloading the CORE eval bundle failed; offline, pass --bundle-dir DIR (a copy such as \
-                 ../shared/data/eval/eval_bundle)",
+            download(url, dir).context(
+                "downloading the CORE eval bundle failed: run the command again to resume; offline, pass \
+                 --data-dir DIR (a data mirror laid out like ../shared/data) or --bundle-dir DIR (a copy of the bundle)",
             )?;
         }
-        Self::load(dir)
+        Ok(())
     }
 
     /// Reads `core.yaml` and `eval_meta_data.csv` from `dir`, checking that every task has a
@@ -170,8 +109,8 @@ impl Bundle {
         let yaml_path = dir.join("core.yaml");
         if !yaml_path.exists() {
             bail!(
-                "no CORE eval bundle at {} (core.yaml missing): download it or pass \
-                 --bundle-dir ../shared/data/eval/eval_bundle",
+                "no CORE eval bundle at {} (core.yaml missing): leave out --bundle-dir to download the \
+                 original's, or pass --bundle-dir with a copy of it (a data mirror has one in eval/eval_bundle)",
                 dir.display()
             );
         }

@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{ModelArgs, Source};
 use crate::conversation::render_for_completion;
+use crate::data::sources::{self, Dataset, Online, RemoteFile};
 use crate::dist::{self, or_abort, rank_stride, Communicator, DistMode, SingleProcess};
 use crate::engine::{Engine, GenerateOptions};
 use crate::execution::Limits;
@@ -48,8 +49,8 @@ const SPELLING_BEE_SIZE: usize = 256;
 /// How to run one task.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatEvalOptions {
-    /// Where the task data lives (laid out like the offline mirror).
-    pub data_dir: PathBuf,
+    /// Where the task data comes from.
+    pub data: DataRoot,
     /// Evaluate only the first N problems.
     pub max_problems: Option<usize>,
     /// Prompts per forward pass, categorical tasks.
@@ -69,7 +70,7 @@ pub struct ChatEvalOptions {
 impl Default for ChatEvalOptions {
     fn default() -> Self {
         ChatEvalOptions {
-            data_dir: DataRoot::default_dir(),
+            data: DataRoot::from_args(None),
             max_problems: None,
             batch_size: 8,
             num_samples: 1,
@@ -171,6 +172,19 @@ pub fn load_task(name: &str, root: &DataRoot) -> Result<Box<dyn Task>> {
     })
 }
 
+/// The online data of the task named `name` (as [`load_task`] reads it).
+fn task_sources(name: &str) -> Vec<Dataset> {
+    match name {
+        "ARC-Easy" => vec![sources::arc("ARC-Easy", "test")],
+        "ARC-Challenge" => vec![sources::arc("ARC-Challenge", "test")],
+        "MMLU" => vec![sources::mmlu("test")],
+        "GSM8K" => vec![sources::gsm8k("test")],
+        "HumanEval" => vec![sources::humaneval()],
+        "SpellingBee" => vec![Dataset::Words],
+        _ => Vec::new(),
+    }
+}
+
 /// Scores `engine` on the task named `task_name`.
 pub fn run_chat_eval(engine: &Engine, task_name: &str, opts: &ChatEvalOptions) -> Result<ChatEvalResult> {
     run_chat_eval_on(&SingleProcess, engine, task_name, opts)
@@ -185,7 +199,7 @@ pub fn run_chat_eval_on(
     task_name: &str,
     opts: &ChatEvalOptions,
 ) -> Result<ChatEvalResult> {
-    let task = load_task(task_name, &DataRoot::new(&opts.data_dir))?;
+    let task = load_task(task_name, &opts.data)?;
     let problems = opts.max_problems.map_or(task.len(), |m| m.min(task.len()));
     let start = Instant::now();
     let eval_type = task.eval_type().with_context(|| format!("{task_name} is training data, not an eval"))?;
@@ -447,8 +461,7 @@ pub struct ChatEvalArgs {
     /// Evaluate only the first N problems of each task.
     #[arg(short = 'x', long)]
     pub max_problems: Option<usize>,
-    /// Task data laid out like the offline mirror; default: $NANOCHAT_BASE_DIR/task_data.
-    #[arg(long)]
+    #[arg(long, env = "NANOCHAT_DATA_MIRROR", value_name = "DIR", help = crate::data::MIRROR_HELP)]
     pub data_dir: Option<PathBuf>,
     /// Seed of the sampling.
     #[arg(long, default_value_t = 42)]
@@ -481,9 +494,19 @@ impl ChatEvalArgs {
         Ok(names)
     }
 
+    /// What running the evaluation downloads on first use (nothing with a mirror).
+    pub fn downloads(&self) -> Vec<RemoteFile> {
+        if self.data_dir.is_some() {
+            return Vec::new();
+        }
+        let online = Online::from_env();
+        let tasks = self.tasks().unwrap_or_default();
+        tasks.iter().flat_map(|t| task_sources(t)).map(|d| online.file(&d)).collect()
+    }
+
     pub fn options(&self) -> ChatEvalOptions {
         ChatEvalOptions {
-            data_dir: self.data_dir.clone().unwrap_or_else(DataRoot::default_dir),
+            data: DataRoot::from_args(self.data_dir.clone()),
             max_problems: self.max_problems,
             batch_size: self.batch_size,
             num_samples: self.num_samples,

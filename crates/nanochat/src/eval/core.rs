@@ -510,8 +510,8 @@ pub fn evaluate_core(
     evaluate_core_on(&SingleProcess, model, tokenizer, bundle_dir, max_per_task)
 }
 
-/// [`evaluate_core`] as one rank of `comm` (see [`evaluate_bundle_on`]). A missing bundle is
-/// downloaded once, by rank 0, before the others read it.
+/// [`evaluate_core`] as one rank of `comm` (see [`evaluate_bundle_on`]): rank 0 reads the bundle
+/// first, so that a broken one fails there before the others read it.
 pub fn evaluate_core_on(
     comm: &dyn Communicator,
     model: &GPT,
@@ -526,7 +526,7 @@ pub fn evaluate_core_on(
             tokenizer.vocab_size()
         );
     }
-    let root_bundle = if comm.is_root() { Some(Bundle::load_or_download(bundle_dir)?) } else { None };
+    let root_bundle = if comm.is_root() { Some(Bundle::load(bundle_dir)?) } else { None };
     comm.barrier()?;
     let bundle = match root_bundle {
         Some(bundle) => bundle,

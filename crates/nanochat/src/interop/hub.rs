@@ -63,8 +63,9 @@ impl Hub {
         }
     }
 
-    /// An HTTP agent that sends the token to the endpoint's host only (a middleware, because the
-    /// shared [`fetch_file`] makes its own requests); timeouts as [`crate::data::download::http_agent`].
+    /// An HTTP agent for the hub's API (the repository listing) that sends the token to the
+    /// endpoint's host only; timeouts as [`crate::data::download::http_agent`]. The files
+    /// themselves go through [`fetch_file`], which handles the token on its own.
     fn agent(&self) -> ureq::Agent {
         let builder = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -177,15 +178,18 @@ pub fn fetch(r: &RepoRef, hub: &Hub) -> Result<PathBuf> {
         total as f64 / 1e6,
         dir.display()
     );
-    let bar = crate::common::progress_bar(files.len() as u64, "download");
-    for f in &files {
+    // the listing above is an API call with the token; the files go through the shared download
+    // code, which sends the token to the hub only (not to the storage it redirects to), checks the
+    // SHA-256 the hub publishes and resumes a cut connection
+    let download_agent = crate::data::download::http_agent();
+    let token = crate::data::download::Hub { token: hub.token.clone() };
+    for (i, f) in files.iter().enumerate() {
         ensure!(
             Path::new(&f.path).file_name().is_some_and(|n| n == f.path.as_str()) && !f.path.starts_with('.'),
             "the hub lists {:?}, which is not a plain file name",
             f.path
         );
         let dest = dir.join(&f.path);
-        bar.set_message(format!("{} ({:.1} MB)", f.path, f.size as f64 / 1e6));
         let complete = std::fs::metadata(&dest).is_ok_and(|m| m.len() == f.size);
         if !complete {
             let url = format!("{}/{}/resolve/{}/{}", hub.endpoint, r.repo, r.revision, f.path);
@@ -195,10 +199,20 @@ pub fn fetch(r: &RepoRef, hub: &Hub) -> Result<PathBuf> {
                 ensure!(got == size, "got {got} bytes where the hub lists {size}");
                 Ok(())
             };
-            fetch_file(&agent, &url, &dest, hub.attempts, hub.backoff, &check)?;
+            let bar = crate::common::progress_bar(size, &format!("{}/{}", i + 1, files.len()));
+            bar.set_message(f.path.clone());
+            let request = crate::data::download::Request {
+                url: &url,
+                dest: &dest,
+                hub: Some(&token),
+                attempts: hub.attempts,
+                backoff: hub.backoff,
+                validate: &check,
+                progress: Some(&bar),
+            };
+            fetch_file(&download_agent, &request)?;
+            bar.finish_and_clear();
         }
-        bar.inc(1);
     }
-    bar.finish_and_clear();
     Ok(dir)
 }

@@ -1,16 +1,18 @@
 //! ARC-Easy and ARC-Challenge (AI2 Reasoning Challenge): grade-school science questions with
 //! three to five choices, as multiple-choice conversations in the original's format.
 //!
-//! Online the original loads `allenai/ai2_arc` from Hugging Face; here the rows come from
-//! `eval/arc/ARC-{Easy,Challenge}-{split}.jsonl` under a [`DataRoot`], one
-//! `{"id", "question", "choices", "letters", "answer"}` object per line. Only the validation and
-//! test splits are in the mirror: use validation for training-side data, test for evaluation.
+//! Online the rows come from the original's source, `allenai/ai2_arc` on Hugging Face (parquet:
+//! `id`, `question`, `choices {text, label}`, `answerKey`), splits train, validation and test. From
+//! a mirror they come from `eval/arc/ARC-{Easy,Challenge}-{split}.jsonl`, one `{"id", "question",
+//! "choices", "letters", "answer"}` object per line; the mirror has only the validation and test
+//! splits, so training-side data uses validation there and test stays for evaluation.
 
 use anyhow::{bail, Result};
 use serde::Deserialize;
 
-use super::{check_index, read_jsonl, render_mc, Answer, DataRoot, EvalType, Example, Task};
+use super::{check_index, render_mc, Answer, DataRoot, EvalType, Example, Task};
 use crate::conversation::{Conversation, Message, Role};
+use crate::data::sources;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArcSubset {
@@ -26,29 +28,50 @@ struct Row {
     answer: String,
 }
 
+/// A row as the Hugging Face dataset has it.
+#[derive(Deserialize)]
+struct HubRow {
+    question: String,
+    choices: HubChoices,
+    #[serde(rename = "answerKey")]
+    answer_key: String,
+}
+
+#[derive(Deserialize)]
+struct HubChoices {
+    text: Vec<String>,
+    label: Vec<String>,
+}
+
+impl From<HubRow> for Row {
+    fn from(row: HubRow) -> Row {
+        Row { question: row.question, choices: row.choices.text, letters: row.choices.label, answer: row.answer_key }
+    }
+}
+
 pub struct ArcTask {
     name: String,
     rows: Vec<Row>,
 }
 
 impl ArcTask {
-    /// Loads `split` (`validation` or `test`) of `subset`.
+    /// Loads `split` (`train`, `validation` or `test`; a mirror has no `train`) of `subset`.
     pub fn load(root: &DataRoot, subset: ArcSubset, split: &str) -> Result<ArcTask> {
-        if !matches!(split, "validation" | "test") {
-            bail!("ARC split {split:?} is not available: use \"validation\" (training side) or \"test\"");
+        if !matches!(split, "train" | "validation" | "test") {
+            bail!("ARC split {split:?} does not exist: use \"train\", \"validation\" or \"test\"");
         }
         let subset = match subset {
             ArcSubset::Easy => "Easy",
             ArcSubset::Challenge => "Challenge",
         };
         let name = format!("ARC-{subset}-{split}");
-        let path = root.file(&format!("eval/arc/{name}.jsonl"), "the Hugging Face dataset allenai/ai2_arc")?;
-        let rows: Vec<Row> = read_jsonl(&path)?;
+        let mirror = format!("eval/arc/{name}.jsonl");
+        let (path, rows) =
+            root.rows::<Row, HubRow>(&mirror, &[sources::arc(&format!("ARC-{subset}"), split)], &name)?;
         for (i, row) in rows.iter().enumerate() {
             if row.letters.len() != row.choices.len() || !row.letters.contains(&row.answer) {
                 bail!(
-                    "{} row {}: the answer must be one of the letters and there must be one letter per choice",
-                    path.display(),
+                    "{path} row {}: the answer must be one of the letters and there must be one letter per choice",
                     i + 1
                 );
             }

@@ -1,19 +1,23 @@
 //! General chat conversations, the bulk of midtraining and SFT data.
 //!
-//! Online the original uses SmolTalk (`HuggingFaceTB/smol-smoltalk` on Hugging Face), which cannot
-//! be had offline; the mirror's ShareGPT conversations stand in, as `sft/sharegpt_{train,test}.jsonl.gz`
-//! under a [`DataRoot`], one `{"messages": [{"role", "content"}, …]}` per line. Any file of that
-//! shape (a SmolTalk export included) loads with [`ChatData::from_file`]. Conversations kept as-is;
-//! malformed ones (bad JSON, roles out of order, fewer than two turns) are skipped and counted
-//! rather than stopping a long training run over one bad row.
+//! Online they are the original's, SmolTalk (`HuggingFaceTB/smol-smoltalk` on Hugging Face:
+//! parquet, a `messages` list of `{content, role}`; train 460K conversations, test 24K). A mirror
+//! has no SmolTalk; its ShareGPT conversations stand in, `sft/sharegpt_{train,test}.jsonl.gz`, one
+//! `{"messages": [{"role", "content"}, …]}` per line. Any file of that shape loads with
+//! [`ChatData::from_file`]. Conversations are kept as-is; malformed ones (bad JSON, roles out of
+//! order, fewer than two turns) are skipped and counted rather than stopping a long training run
+//! over one bad row.
 
 use std::io::BufRead;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use super::{check_index, check_roles, open_text, Answer, DataRoot, EvalType, Example, Task};
+use super::{
+    check_index, check_roles, for_each_parquet_row, open_text, Answer, DataRoot, EvalType, Example, Located, Task,
+};
 use crate::conversation::Conversation;
+use crate::data::sources;
 
 pub struct ChatData {
     name: String,
@@ -22,33 +26,45 @@ pub struct ChatData {
 }
 
 impl ChatData {
-    /// Loads the mirror's ShareGPT split: `train` or `test`.
-    pub fn sharegpt(root: &DataRoot, split: &str) -> Result<ChatData> {
+    /// The chat conversations of `split` (`train` or `test`): SmolTalk online, the mirror's
+    /// ShareGPT stand-in from a mirror.
+    pub fn load(root: &DataRoot, split: &str) -> Result<ChatData> {
         if !matches!(split, "train" | "test") {
             bail!("the chat data split {split:?} does not exist: use \"train\" or \"test\"");
         }
-        let path = root.file(
-            &format!("sft/sharegpt_{split}.jsonl.gz"),
-            "chat conversations (online: the Hugging Face dataset HuggingFaceTB/smol-smoltalk)",
-        )?;
-        ChatData::from_file(&path, &format!("ShareGPT-{split}"))
+        let mirror = format!("sft/sharegpt_{split}.jsonl.gz");
+        match root.locate(&mirror, &sources::smoltalk(split), &format!("SmolTalk-{split}"))? {
+            Located::Mirror(path) => ChatData::from_file(&path, &format!("ShareGPT-{split}")),
+            Located::Online(paths) => {
+                let mut data = ChatData { name: format!("SmolTalk-{split}"), conversations: Vec::new(), skipped: 0 };
+                for_each_parquet_row(&paths, &mut |_, _, row| {
+                    data.push(serde_json::from_value(row).ok());
+                    Ok(())
+                })?;
+                Ok(data)
+            }
+        }
     }
 
     /// Loads any JSON-lines file (gzipped if its name ends in `.gz`) of `{"messages": …}` rows.
     pub fn from_file(path: &Path, name: &str) -> Result<ChatData> {
-        let mut conversations = Vec::new();
-        let mut skipped = 0;
+        let mut data = ChatData { name: name.to_string(), conversations: Vec::new(), skipped: 0 };
         for (i, line) in open_text(path)?.lines().enumerate() {
             let line = line.with_context(|| format!("reading {} line {}", path.display(), i + 1))?;
             if line.trim().is_empty() {
                 continue;
             }
-            match serde_json::from_str::<Conversation>(&line) {
-                Ok(conversation) if check_roles(&conversation).is_ok() => conversations.push(conversation),
-                _ => skipped += 1,
-            }
+            data.push(serde_json::from_str::<Conversation>(&line).ok());
         }
-        Ok(ChatData { name: name.to_string(), conversations, skipped })
+        Ok(data)
+    }
+
+    /// Keeps `conversation` when it is well formed, else counts it as skipped.
+    fn push(&mut self, conversation: Option<Conversation>) {
+        match conversation {
+            Some(conversation) if check_roles(&conversation).is_ok() => self.conversations.push(conversation),
+            _ => self.skipped += 1,
+        }
     }
 
     /// The original's CustomJSON: a file the user wrote, each line `{"messages": [{"role",

@@ -1,16 +1,17 @@
 //! GSM8K: grade-school math word problems whose worked answers carry calculator annotations.
 //!
-//! Online the original loads `openai/gsm8k` (subset `main`) from Hugging Face; here the rows come
-//! from `eval/gsm8k/{train,test}.jsonl` under a [`DataRoot`], one `{"question", "answer"}` object per
-//! line. Each `<<expr=result>>` annotation in an answer becomes a python part (`expr`) and a
+//! The rows (`question`, `answer`) come online from the original's source, `openai/gsm8k` on
+//! Hugging Face, config `main` (parquet), or from a mirror's `eval/gsm8k/{train,test}.jsonl`, one
+//! object per line. Each `<<expr=result>>` annotation in an answer becomes a python part (`expr`) and a
 //! python_output part (`result`), so training teaches the model to call the calculator where the
 //! dataset's authors did; the text around them, including the final `#### N` line, stays text.
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use super::{check_index, extract_answer, read_jsonl, Answer, DataRoot, EvalType, Example, Task};
+use super::{check_index, extract_answer, Answer, DataRoot, EvalType, Example, Task};
 use crate::conversation::{Content, Conversation, Message, Part, PartKind, Role};
+use crate::data::sources;
 
 #[derive(Deserialize)]
 struct Row {
@@ -29,8 +30,9 @@ impl Gsm8k {
         if !matches!(split, "train" | "test") {
             bail!("GSM8K split {split:?} does not exist: use \"train\" or \"test\"");
         }
-        let path = root.file(&format!("eval/gsm8k/{split}.jsonl"), "the Hugging Face dataset openai/gsm8k (main)")?;
-        Ok(Gsm8k { name: format!("GSM8K-{split}"), rows: read_jsonl(&path)? })
+        let name = format!("GSM8K-{split}");
+        let (_, rows) = root.rows::<Row, Row>(&format!("eval/gsm8k/{split}.jsonl"), &[sources::gsm8k(split)], &name)?;
+        Ok(Gsm8k { name, rows })
     }
 }
 

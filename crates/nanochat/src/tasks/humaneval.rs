@@ -1,9 +1,9 @@
 //! HumanEval: 164 Python functions to complete from their signature and docstring, graded by
 //! running the completion against the problem's unit tests in the [`Sandbox`].
 //!
-//! Online the original loads `openai/openai_humaneval` from Hugging Face; here the rows come from
-//! `eval/humaneval/HumanEval.jsonl.gz` under a [`DataRoot`], one `{"task_id", "prompt",
-//! "entry_point", "canonical_solution", "test"}` object per line. As in the original, the user
+//! The rows (`task_id`, `prompt`, `entry_point`, `canonical_solution`, `test`) come online from the
+//! original's source, `openai/openai_humaneval` on Hugging Face (parquet), or from a mirror's
+//! `eval/humaneval/HumanEval.jsonl.gz`, one object per line. As in the original, the user
 //! message is the prompt, the reference reply is prompt + canonical solution (the whole function),
 //! and grading runs the prompt's imports, the code of the reply (its first ```python block if it
 //! has one, else the whole text), the tests and `check(entry_point)`.
@@ -11,8 +11,9 @@
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
-use super::{check_index, read_jsonl, Answer, DataRoot, EvalType, Example, Task};
+use super::{check_index, Answer, DataRoot, EvalType, Example, Task};
 use crate::conversation::{Conversation, Message, Role};
+use crate::data::sources;
 use crate::execution::{Execution, Limits, Sandbox};
 
 #[derive(Deserialize)]
@@ -33,9 +34,8 @@ impl HumanEval {
     /// Loads the problems and checks that the sandbox can run Python, so a missing interpreter is
     /// an error here rather than every problem silently failing later.
     pub fn load(root: &DataRoot, limits: Limits) -> Result<HumanEval> {
-        let path =
-            root.file("eval/humaneval/HumanEval.jsonl.gz", "the Hugging Face dataset openai/openai_humaneval")?;
-        let rows = read_jsonl(&path)?;
+        let mirror = "eval/humaneval/HumanEval.jsonl.gz";
+        let (_, rows) = root.rows::<Row, Row>(mirror, &[sources::humaneval()], "HumanEval")?;
         let sandbox = Sandbox::new(limits)?;
         let probe = sandbox.run("pass\n").context("trying the HumanEval sandbox")?;
         anyhow::ensure!(

@@ -1,17 +1,32 @@
-//! Who the model is: identity conversations generated from templates. A user's own conversations
-//! (another personality, say) load with [`super::chat::ChatData::custom_json`].
-//!
-//! The original downloads a thousand synthetic identity conversations written by an LLM; those
-//! are not available offline, so [`Identity`] builds its own from the facts below: the model is
-//! nanochat, a small chat model built in Rust after Andrej Karpathy's nanochat, trained by whoever
-//! runs it, and it can make mistakes. Example `i` depends only on (seed, `i`).
+//! Who the model is: identity conversations. Online they are the original's: a thousand
+//! synthetic conversations written by an LLM (`identity_conversations.jsonl`, downloaded on first
+//! use). A mirror has none, so [`Identity`] builds its own from templates and the facts below: the
+//! model is nanochat, a small chat model built in Rust after Andrej Karpathy's nanochat, trained by
+//! whoever runs it, and it can make mistakes; example `i` depends only on (seed, `i`). A user's own
+//! conversations (another personality, say) load with [`super::chat::ChatData::custom_json`].
 
-use anyhow::Result;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
 use rand::seq::IndexedRandom;
 use rand::Rng;
 
-use super::{check_index, example_rng, Answer, EvalType, Example, Task};
+use super::chat::ChatData;
+use super::{check_index, example_rng, Answer, DataRoot, EvalType, Example, Task};
 use crate::conversation::{Conversation, Message, Role};
+use crate::data::sources::Dataset;
+
+/// The identity conversations of `root` (see the module docs): the original's online, 1,000
+/// generated ones (the original's count) seeded by `seed` from a mirror.
+pub fn load(root: &DataRoot, seed: u64) -> Result<Arc<dyn Task>> {
+    Ok(match root {
+        DataRoot::Mirror(_) => Arc::new(Identity::new(1000, seed)),
+        DataRoot::Online(online) => {
+            let path = online.fetch(&[Dataset::Identity])?.pop().context("no identity conversations")?;
+            Arc::new(ChatData::custom_json(&path)?)
+        }
+    })
+}
 
 /// Questions about one fact and the answers that state it.
 struct Topic {

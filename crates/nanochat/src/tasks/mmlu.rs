@@ -1,16 +1,19 @@
 //! MMLU (Massive Multitask Language Understanding): four-choice questions over 57 subjects, as
 //! multiple-choice conversations in the original's format.
 //!
-//! Online the original loads `cais/mmlu` from Hugging Face (and its `auxiliary_train` subset for
-//! midtraining); here the rows come from `eval/mmlu/{dev,validation,test}.jsonl` under a
-//! [`DataRoot`], one `{"subject", "question", "choices": [4], "answer": index}` object per line.
-//! `auxiliary_train` is not in the mirror: dev and validation stand in for it on the training side.
+//! Online the rows come from the original's source, `cais/mmlu` on Hugging Face, config `all`
+//! (parquet: `question`, `subject`, `choices`, `answer` index), splits `auxiliary_train` (~100K
+//! questions drawn from ARC, MC_TEST, OBQA and RACE, the original's midtraining data), `dev`,
+//! `validation` and `test`. From a mirror they come from `eval/mmlu/{dev,validation,test}.jsonl`,
+//! the same fields one object per line; the mirror has no `auxiliary_train`, so midtraining uses dev
+//! and validation there.
 
 use anyhow::{bail, Result};
 use serde::Deserialize;
 
-use super::{check_index, read_jsonl, render_mc, Answer, DataRoot, EvalType, Example, Task};
+use super::{check_index, render_mc, Answer, DataRoot, EvalType, Example, Task};
 use crate::conversation::{Conversation, Message, Role};
+use crate::data::sources;
 
 const LETTERS: [&str; 4] = ["A", "B", "C", "D"];
 
@@ -28,19 +31,20 @@ pub struct Mmlu {
 }
 
 impl Mmlu {
-    /// Loads `split`: `dev`, `validation` or `test`.
+    /// Loads `split`: `auxiliary_train` (not in a mirror), `dev`, `validation` or `test`.
     pub fn load(root: &DataRoot, split: &str) -> Result<Mmlu> {
-        if !matches!(split, "dev" | "validation" | "test") {
-            bail!("MMLU split {split:?} is not available: use \"dev\", \"validation\" or \"test\"");
+        if !matches!(split, "auxiliary_train" | "dev" | "validation" | "test") {
+            bail!("MMLU split {split:?} does not exist: use \"auxiliary_train\", \"dev\", \"validation\" or \"test\"");
         }
-        let path = root.file(&format!("eval/mmlu/{split}.jsonl"), "the Hugging Face dataset cais/mmlu (subset all)")?;
-        let rows: Vec<Row> = read_jsonl(&path)?;
+        let name = format!("MMLU-{split}");
+        let mirror = format!("eval/mmlu/{split}.jsonl");
+        let (path, rows) = root.rows::<Row, Row>(&mirror, &[sources::mmlu(split)], &name)?;
         for (i, row) in rows.iter().enumerate() {
             if row.choices.len() != LETTERS.len() || row.answer >= LETTERS.len() {
-                bail!("{} row {}: MMLU rows need 4 choices and an answer index 0-3", path.display(), i + 1);
+                bail!("{path} row {}: MMLU rows need 4 choices and an answer index 0-3", i + 1);
             }
         }
-        Ok(Mmlu { name: format!("MMLU-{split}"), rows, letters: LETTERS.map(String::from).to_vec() })
+        Ok(Mmlu { name, rows, letters: LETTERS.map(String::from).to_vec() })
     }
 }
 

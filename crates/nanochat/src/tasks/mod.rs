@@ -6,11 +6,14 @@
 //! are cheap to index: files are parsed once at load, generated tasks build each example from
 //! `(seed, index)` on demand. Slicing, shuffling, mixtures and sequences are in [`mixture`].
 //!
-//! Where the data comes from. Online, the original loads Hugging Face datasets (`allenai/ai2_arc`,
-//! `cais/mmlu`, `openai/gsm8k`, `HuggingFaceTB/smol-smoltalk`) and the `dwyl/english-words` word
-//! list. This module reads the same data from a local directory, a [`DataRoot`], laid out like the
-//! project's offline mirror (`eval/arc`, `eval/mmlu`, `eval/gsm8k`, `sft/`, `words/`): users without
-//! network access point it at a mirror, users with access export those datasets into that layout.
+//! Where the data comes from: a [`DataRoot`]. Online (the default) it is the original's: the
+//! Hugging Face datasets `allenai/ai2_arc`, `cais/mmlu`, `openai/gsm8k`, `openai/openai_humaneval`
+//! and `HuggingFaceTB/smol-smoltalk` (their parquet files), the `dwyl/english-words` word list and
+//! the original's identity conversations, downloaded on first use into `$NANOCHAT_BASE_DIR`
+//! (`data/sources.rs` lists every URL). Offline, `--data-dir` names a mirror laid out like
+//! `../shared/data` (`eval/arc`, `eval/mmlu`, `eval/gsm8k`, `eval/humaneval`, `sft/`, `words/`), read
+//! in place. Both give the same examples for the same split; the mirror lacks some splits (ARC
+//! train, MMLU auxiliary_train, SmolTalk), and the stages say what stands in for them.
 
 pub mod arc;
 pub mod chat;
@@ -24,45 +27,95 @@ pub mod spelling;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::record::Field;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::conversation::{Content, Conversation, Role};
+use crate::data::sources::{Dataset, Online};
 
-/// A directory laid out like the offline data mirror (see the module docs).
-#[derive(Debug, Clone)]
-pub struct DataRoot(PathBuf);
+/// Where the task data comes from (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataRoot {
+    /// A directory laid out like the offline mirror: read in place, nothing downloaded.
+    Mirror(PathBuf),
+    /// The original's online sources, downloaded on first use into the cache.
+    Online(Online),
+}
+
+/// Where one split of a task's data was found.
+enum Located {
+    /// The mirror's file (JSON lines, the mirror's row format).
+    Mirror(PathBuf),
+    /// The downloaded files (the source's format: parquet for the Hugging Face datasets).
+    Online(Vec<PathBuf>),
+}
 
 impl DataRoot {
+    /// The mirror at `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> DataRoot {
-        DataRoot(dir.into())
+        DataRoot::Mirror(dir.into())
     }
 
-    /// `$NANOCHAT_BASE_DIR/task_data`, next to the other artifacts.
+    /// The mirror of `--data-dir` when given, else the online sources as the environment sets them.
+    pub fn from_args(data_dir: Option<PathBuf>) -> DataRoot {
+        data_dir.map_or_else(|| DataRoot::Online(Online::from_env()), DataRoot::Mirror)
+    }
+
+    /// `$NANOCHAT_BASE_DIR/task_data`, where the online datasets are kept (as the original keeps them).
     pub fn default_dir() -> PathBuf {
         crate::common::base_dir().join("task_data")
     }
 
-    /// The path of `relative` under the root, which must exist. `source` names where the data
-    /// comes from online, so the error can say how to get it.
-    fn file(&self, relative: &str, source: &str) -> Result<PathBuf> {
-        let path = self.0.join(relative);
-        if !path.is_file() {
-            bail!(
-                "{} not found. Task data is read from {} laid out like the offline mirror ({relative}); \
-                 point the data directory (--data-dir) at such a mirror, or export {source} into that file",
-                path.display(),
-                self.0.display()
-            );
-        }
-        Ok(path)
+    pub fn is_mirror(&self) -> bool {
+        matches!(self, DataRoot::Mirror(_))
     }
-}
 
-impl Default for DataRoot {
-    fn default() -> DataRoot {
-        DataRoot(DataRoot::default_dir())
+    /// The data of one split: the mirror's file `mirror` (relative to it), or the online files of
+    /// `online`, downloaded if they are not in the cache yet. `what` names the data for errors.
+    fn locate(&self, mirror: &str, online: &[Dataset], what: &str) -> Result<Located> {
+        match self {
+            DataRoot::Mirror(dir) => {
+                let path = dir.join(mirror);
+                if !path.is_file() {
+                    bail!(
+                        "{} not found. With --data-dir the task data is read from the mirror {} ({mirror}), \
+                         which has no {what}: point --data-dir at a mirror laid out like ../shared/data, or \
+                         leave it out to download {what} on first use",
+                        path.display(),
+                        dir.display()
+                    );
+                }
+                Ok(Located::Mirror(path))
+            }
+            DataRoot::Online(sources) => {
+                Ok(Located::Online(sources.fetch(online).with_context(|| format!("getting {what}"))?))
+            }
+        }
+    }
+
+    /// The rows of one split (see [`DataRoot::locate`]): the mirror's JSON lines as `T`s, or the
+    /// online parquet rows as `H`s (the source's schema), converted. Also returns where the rows
+    /// came from, for errors about them.
+    fn rows<T, H>(&self, mirror: &str, online: &[Dataset], what: &str) -> Result<(String, Vec<T>)>
+    where
+        T: serde::de::DeserializeOwned,
+        H: serde::de::DeserializeOwned + Into<T>,
+    {
+        Ok(match self.locate(mirror, online, what)? {
+            Located::Mirror(path) => (path.display().to_string(), read_jsonl(&path)?),
+            Located::Online(paths) => (what.to_string(), read_parquet::<H>(&paths)?.into_iter().map(H::into).collect()),
+        })
+    }
+
+    /// [`DataRoot::locate`] of data that is one file either way.
+    fn locate_file(&self, mirror: &str, online: Dataset, what: &str) -> Result<PathBuf> {
+        match self.locate(mirror, &[online], what)? {
+            Located::Mirror(path) => Ok(path),
+            Located::Online(paths) => paths.into_iter().next().with_context(|| format!("no file for {what}")),
+        }
     }
 }
 
@@ -258,4 +311,84 @@ fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// Reads the rows of parquet files (the splits of a Hugging Face dataset), in file order, as `T`s
+/// through their JSON form (see [`for_each_parquet_row`]). A row that does not fit `T` is an error
+/// naming the file and row.
+fn read_parquet<T: serde::de::DeserializeOwned>(paths: &[PathBuf]) -> Result<Vec<T>> {
+    let mut rows = Vec::new();
+    for_each_parquet_row(paths, &mut |path, i, value| {
+        let row = serde_json::from_value(value)
+            .with_context(|| format!("{} row {}: not a valid row for this task", path.display(), i + 1))?;
+        rows.push(row);
+        Ok(())
+    })?;
+    Ok(rows)
+}
+
+/// Calls `f(file, row index, row)` with each row of the parquet files, in order, as JSON (lists
+/// become arrays, structs objects), one row at a time.
+fn for_each_parquet_row(
+    paths: &[PathBuf],
+    f: &mut dyn FnMut(&Path, usize, serde_json::Value) -> Result<()>,
+) -> Result<()> {
+    for path in paths {
+        let damaged = || {
+            format!(
+                "{} is damaged (truncated or corrupt): delete it and run the command again to download it again",
+                path.display()
+            )
+        };
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let reader = SerializedFileReader::new(file).with_context(damaged)?;
+        // The record reader panics on some malformed files rather than failing: contain that.
+        let mut callback_error = None;
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> parquet::errors::Result<()> {
+            for (i, row) in reader.get_row_iter(None)?.enumerate() {
+                if let Err(e) = f(path, i, field_json(&Field::Group(row?))) {
+                    callback_error = Some(e);
+                    break;
+                }
+            }
+            Ok(())
+        }));
+        match read {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(anyhow::Error::from(e).context(damaged())),
+            Err(_) => return Err(anyhow!("the parquet reader failed").context(damaged())),
+        }
+        if let Some(e) = callback_error {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// A parquet record field as JSON.
+fn field_json(field: &Field) -> serde_json::Value {
+    use serde_json::Value;
+    match field {
+        Field::Null => Value::Null,
+        Field::Bool(b) => Value::Bool(*b),
+        Field::Byte(n) => Value::from(*n),
+        Field::Short(n) => Value::from(*n),
+        Field::Int(n) => Value::from(*n),
+        Field::Long(n) => Value::from(*n),
+        Field::UByte(n) => Value::from(*n),
+        Field::UShort(n) => Value::from(*n),
+        Field::UInt(n) => Value::from(*n),
+        Field::ULong(n) => Value::from(*n),
+        Field::Float(x) => Value::from(f64::from(*x)),
+        Field::Double(x) => Value::from(*x),
+        Field::Str(s) => Value::String(s.clone()),
+        Field::Bytes(b) => Value::String(String::from_utf8_lossy(b.data()).into_owned()),
+        Field::Group(row) => Value::Object(row.get_column_iter().map(|(k, v)| (k.clone(), field_json(v))).collect()),
+        Field::ListInternal(list) => Value::Array(list.elements().iter().map(field_json).collect()),
+        Field::MapInternal(map) => {
+            Value::Object(map.entries().iter().map(|(k, v)| (k.to_string(), field_json(v))).collect())
+        }
+        // dates, times, decimals: no task reads them; their text is enough
+        other => Value::String(other.to_string()),
+    }
 }

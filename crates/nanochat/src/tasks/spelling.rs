@@ -3,8 +3,8 @@
 //! letters; the original teaches it to spell the word out, count by hand, then check with a
 //! calculator call `'word'.count('x')`, and these tasks reproduce that format.
 //!
-//! The word list is `words/words_alpha.txt` under a [`DataRoot`] (CRLF line endings), which the
-//! original downloads from `dwyl/english-words` on GitHub. Example `i` is generated from its own
+//! The word list is the original's, `words_alpha.txt` of `dwyl/english-words` on GitHub (CRLF line
+//! endings), downloaded on first use, or a mirror's `words/words_alpha.txt`. Example `i` is generated from its own
 //! generator seeded by (task, split, `i`), so any example can be built alone, always the same.
 
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use rand::Rng;
 
 use super::{check_index, example_rng, Answer, DataRoot, EvalType, Example, Task};
 use crate::conversation::{Content, Conversation, Message, Part, PartKind, Role};
+use crate::data::sources::Dataset;
 
 /// Which side of the train/test divide the generated examples fall on: the two splits draw from
 /// disjoint seed streams.
@@ -35,8 +36,7 @@ impl Split {
 
 /// Loads the word list, one lowercase word per line; blank lines and line endings are dropped.
 pub fn load_words(root: &DataRoot) -> Result<Arc<[String]>> {
-    let path = root
-        .file("words/words_alpha.txt", "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt")?;
+    let path = root.locate_file("words/words_alpha.txt", Dataset::Words, "the SpellingBee word list")?;
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let words: Arc<[String]> = text.lines().map(str::trim).filter(|w| !w.is_empty()).map(String::from).collect();
     anyhow::ensure!(!words.is_empty(), "{} holds no words", path.display());

@@ -47,9 +47,12 @@ pub use super::step_loop::TrainReport;
 use super::step_loop::{load_resume_checkpoint, MicroBatches, StageData, Start, StepLoop};
 use super::{batch_tensors, sample_completions, validation_bpb, validation_bpb_split};
 use crate::checkpoint::{self, Meta};
-use crate::data::dataset::{self, Split};
+use crate::data::dataset::Split;
 use crate::data::loader::{Loader, LoaderConfig, LoaderState, Packing};
+use crate::data::sources::{Dataset, Endpoints, Online, RemoteFile};
+use crate::data::{ShardArgs, MIRROR_EVAL_BUNDLE};
 use crate::dist::{self, or_abort, Communicator, DistMode, SingleProcess};
+use crate::eval::bundle::Bundle;
 use crate::model::fused::Gemm;
 use crate::model::{GPTConfig, Kernels, GPT};
 use crate::optim::{LrSchedule, OptimConfig};
@@ -88,22 +91,49 @@ pub struct EvalArgs {
     /// Rows per forward pass (rows are the model's context length).
     #[arg(long, default_value_t = 32)]
     pub device_batch_size: usize,
-    /// Directory of parquet shards [default: $NANOCHAT_BASE_DIR/base_data].
-    #[arg(long, env = "NANOCHAT_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    /// Where the validation shard is (the last shard), and with --data-dir the CORE bundle too.
+    #[command(flatten)]
+    pub shards: ShardArgs,
     /// Which evaluations to run, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "core,bpb,sample")]
     pub eval: Vec<EvalKind>,
     /// Evaluate at most this many items per CORE task (for quick runs) [default: all].
     #[arg(long)]
     pub max_per_task: Option<usize>,
-    /// The CORE eval bundle (core.yaml, eval_meta_data.csv, eval_data/) [default: $NANOCHAT_BASE_DIR/eval_bundle].
+    /// The CORE eval bundle (core.yaml, eval_meta_data.csv, eval_data/) [default: with --data-dir the
+    /// mirror's eval/eval_bundle, else $NANOCHAT_BASE_DIR/eval_bundle, downloaded there on first use].
     #[arg(long)]
     pub bundle_dir: Option<PathBuf>,
     /// Data-parallel across processes: auto (MPI under mpirun, NCCL under a torchrun-style launch), mpi,
     /// nccl (GPUs, the `nccl` feature), or none.
     #[arg(long, value_enum, default_value_t = DistMode::Auto)]
     pub dist: DistMode,
+}
+
+impl EvalArgs {
+    /// The CORE bundle: `--bundle-dir`, else the mirror's, else the cache's.
+    fn core_bundle(&self) -> PathBuf {
+        match (&self.bundle_dir, &self.shards.data_dir) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(mirror)) => mirror.join(MIRROR_EVAL_BUNDLE),
+            (None, None) => Bundle::default_dir(),
+        }
+    }
+
+    /// Whether the CORE bundle comes from the online source (into the cache).
+    fn downloads_bundle(&self) -> bool {
+        self.eval.contains(&EvalKind::Core) && self.bundle_dir.is_none() && self.shards.data_dir.is_none()
+    }
+}
+
+impl BaseCommand {
+    /// What running this command downloads: base eval's CORE bundle, when it comes from no local copy.
+    pub fn downloads(&self) -> Vec<RemoteFile> {
+        match self {
+            BaseCommand::Eval(args) if args.downloads_bundle() => vec![Online::from_env().file(&Dataset::EvalBundle)],
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// Options of `nanochat base train` (defaults: the original's d20 run).
@@ -176,9 +206,9 @@ pub struct TrainArgs {
     /// Continue the run from its checkpoint at this step.
     #[arg(long)]
     pub resume_from_step: Option<usize>,
-    /// Directory of parquet shards [default: $NANOCHAT_BASE_DIR/base_data].
-    #[arg(long, env = "NANOCHAT_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub shards: ShardArgs,
     /// Checkpoint directory name under base_checkpoints [default: d<depth>].
     #[arg(long)]
     pub model_tag: Option<String>,
@@ -349,7 +379,10 @@ fn run_eval(args: &EvalArgs, comm: &dyn Communicator) -> Result<()> {
     let mut metrics = json!({ "model_tag": tag, "step": step });
 
     if args.eval.contains(&EvalKind::Core) {
-        let bundle_dir = args.bundle_dir.clone().unwrap_or_else(crate::eval::bundle::Bundle::default_dir);
+        let bundle_dir = args.core_bundle();
+        if root && args.downloads_bundle() {
+            Bundle::ensure(&bundle_dir, &Endpoints::from_env().eval_bundle)?;
+        }
         let results = crate::eval::core::evaluate_core_on(comm, &model, &tokenizer, &bundle_dir, args.max_per_task)?;
         if root {
             let (csv, _) = results.save(&base.join("base_eval"), &format!("base_{tag}_{step:06}"))?;
@@ -359,8 +392,8 @@ fn run_eval(args: &EvalArgs, comm: &dyn Communicator) -> Result<()> {
         metrics["core"] = json!(results.core);
     }
     if args.eval.contains(&EvalKind::Bpb) {
-        let data_dir = args.data_dir.clone().unwrap_or_else(dataset::data_dir);
-        let loader = LoaderConfig::new(data_dir, Split::Val, args.device_batch_size, model.config().sequence_len);
+        let loader =
+            LoaderConfig::new(args.shards.dir()?, Split::Val, args.device_batch_size, model.config().sequence_len);
         let bpb = validation_bpb_split(&model, &tokenizer, &loader, args.eval_tokens, comm)?;
         if root {
             println!("{} step {step}: validation bpb {bpb:.4}", dir.display());
@@ -428,7 +461,7 @@ pub fn train_on(
     let model_config = args.model_config(tokenizer.vocab_size())?;
     let accum_steps = args.grad_accum_steps_for(world)?;
     let num_iterations = args.num_iterations(&model_config)?;
-    let data_dir = args.data_dir.clone().unwrap_or_else(dataset::data_dir);
+    let data_dir = args.shards.dir()?;
     let run_config = json!({
         "args": args, "num_iterations": num_iterations, "grad_accum_steps": accum_steps, "world_size": world,
     });

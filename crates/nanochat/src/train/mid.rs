@@ -3,17 +3,19 @@
 //! choice, calculator calls, spelling and who it is.
 //!
 //! Design choices, as in the original unless said otherwise:
-//! - the mixture: chat data, multiple choice (here MMLU dev + validation and ARC-Easy/Challenge
-//!   validation, since MMLU's auxiliary_train is not in the offline mirror; the test splits stay
-//!   for evaluation), GSM8K train with calculator parts, the identity conversations twice, and
-//!   SimpleSpelling / SpellingBee sized in the original's proportion to the chat data (200 and 80
-//!   per 460 chat conversations), all shuffled together by `--seed`;
+//! - the mixture: chat data (SmolTalk), multiple choice (MMLU auxiliary_train), GSM8K train with
+//!   calculator parts, the identity conversations twice, and SimpleSpelling / SpellingBee sized in
+//!   the original's proportion to the chat data (200 and 80 per 460 chat conversations), all
+//!   shuffled together by `--seed`; from an offline mirror, which lacks SmolTalk and MMLU's
+//!   auxiliary_train, its ShareGPT conversations and MMLU dev + validation with ARC-Easy/Challenge
+//!   validation stand in (the test splits stay for evaluation);
 //! - the loss covers every token, the mask of `render_conversation` is ignored: midtraining is the
 //!   pretraining objective on chat-formatted text (SFT is where only the assistant's tokens count);
 //! - conversations are concatenated into one stream and cut into micro-batches of
 //!   `device-batch-size` × (`max-seq-len` + 1) tokens, inputs the first T of each row and targets
-//!   the last T, like the pretraining stream; the whole stream is rendered up front (4 bytes a
-//!   token: ~100 MB for the mirror's mixture), which fixes the run's length before it starts, so
+//!   the last T, like the pretraining stream; the stream is rendered up front (4 bytes a token:
+//!   ~100 MB for the mirror's mixture; with `--num-iterations`, only the tokens those steps read,
+//!   so a short run on the online mixture does not render all of it), which fixes the run's length before it starts, so
 //!   the LR schedule is base's (constant, then linear warmdown to 0 over the last 20%) on steps
 //!   rather than the original's estimate of progress, and resuming needs no loader state: step N
 //!   starts at micro-batch N × accumulation steps;
@@ -47,6 +49,7 @@ use super::step_loop::{load_resume_checkpoint, MicroBatches, StageData, Start, S
 use super::{accum_steps_per_rank, render_task, ChatStageArgs};
 use crate::checkpoint::Source;
 use crate::checkpoint::{self, Checkpoint, Meta};
+use crate::data::sources::{self, Dataset, RemoteFile};
 use crate::dist::{self, or_abort, rank_stride, Communicator, SingleProcess};
 use crate::eval::evaluate_bpb_on;
 use crate::model::{Kernels, GPT};
@@ -160,23 +163,45 @@ fn run_on(args: &MidArgs, comm: &dyn Communicator) -> Result<()> {
 /// training part and the held-out last `val_fraction` of it.
 pub fn mid_mixture(stage: &ChatStageArgs, val_fraction: f64) -> Result<(Arc<dyn Task>, Arc<dyn Task>)> {
     let root = stage.data_root();
-    let chat = ChatData::sharegpt(&root, "train")?;
+    let chat = ChatData::load(&root, "train")?;
     let words = load_words(&root)?;
     let identity = stage.identity()?;
     let spelling = |per_460: usize| chat.len() * per_460 / 460;
-    let tasks: Vec<Arc<dyn Task>> = vec![
+    let mut tasks: Vec<Arc<dyn Task>> = vec![
         Arc::new(SimpleSpelling::new(words.clone(), spelling(200), Split::Train)),
         Arc::new(SpellingBee::new(words, spelling(80), Split::Train)),
         Arc::new(chat),
-        Arc::new(Mmlu::load(&root, "dev")?),
-        Arc::new(Mmlu::load(&root, "validation")?),
-        Arc::new(ArcTask::load(&root, ArcSubset::Easy, "validation")?),
-        Arc::new(ArcTask::load(&root, ArcSubset::Challenge, "validation")?),
-        Arc::new(Gsm8k::load(&root, "train")?),
-        identity.clone(),
-        identity,
     ];
+    if root.is_mirror() {
+        tasks.extend([
+            Arc::new(Mmlu::load(&root, "dev")?) as Arc<dyn Task>,
+            Arc::new(Mmlu::load(&root, "validation")?),
+            Arc::new(ArcTask::load(&root, ArcSubset::Easy, "validation")?),
+            Arc::new(ArcTask::load(&root, ArcSubset::Challenge, "validation")?),
+        ]);
+    } else {
+        tasks.push(Arc::new(Mmlu::load(&root, "auxiliary_train")?));
+    }
+    tasks.extend([Arc::new(Gsm8k::load(&root, "train")?) as Arc<dyn Task>, identity.clone(), identity]);
     split_off_val(Arc::new(TaskMixture::new(tasks, stage.seed)), val_fraction)
+}
+
+/// The online data [`mid_mixture`] reads (the identity conversations aside), for listing what the
+/// stage downloads.
+fn sources() -> Vec<Dataset> {
+    let mut datasets = sources::smoltalk("train");
+    datasets.extend([sources::mmlu("auxiliary_train"), sources::gsm8k("train"), Dataset::Words]);
+    datasets
+}
+
+impl MidCommand {
+    /// What running this command downloads on first use (nothing with a mirror).
+    pub fn downloads(&self) -> Vec<RemoteFile> {
+        let MidCommand::Train(args) = self;
+        let mut datasets = sources();
+        datasets.extend(args.stage.identity_sources());
+        args.stage.downloads(&datasets)
+    }
 }
 
 /// `(first part, last val_fraction)` of a task; both must be non-empty.
@@ -195,9 +220,28 @@ pub fn split_off_val(task: Arc<dyn Task>, val_fraction: f64) -> Result<(Arc<dyn 
 }
 
 /// The conversations of `task` rendered and concatenated, masks dropped (every token is trained on),
-/// each cut to one row of T + 1 tokens as the original cuts them to its context.
-fn token_stream(tokenizer: &bpe::Tokenizer, task: &dyn Task, max_tokens: usize) -> Result<Vec<u32>> {
-    Ok(render_task(tokenizer, task, usize::MAX, max_tokens)?.into_iter().flat_map(|(ids, _)| ids).collect())
+/// each cut to one row of T + 1 tokens as the original cuts them to its context. With a `limit`,
+/// only the stream's first `limit` tokens: conversations are rendered a few thousand at a time
+/// until there are enough, so that a short run on a large mixture (the online SmolTalk has 460K
+/// conversations) does not render all of it; the tokens are the same as the whole stream's first.
+fn token_stream(
+    tokenizer: &bpe::Tokenizer,
+    task: &dyn Task,
+    max_tokens: usize,
+    limit: Option<usize>,
+) -> Result<Vec<u32>> {
+    const CHUNK: usize = 4096;
+    let mut stream = Vec::new();
+    for start in (0..task.len()).step_by(CHUNK) {
+        if limit.is_some_and(|limit| stream.len() >= limit) {
+            break;
+        }
+        stream.extend(
+            render_task(tokenizer, task, start..start + CHUNK, max_tokens)?.into_iter().flat_map(|(ids, _)| ids),
+        );
+    }
+    stream.truncate(limit.unwrap_or(usize::MAX));
+    Ok(stream)
 }
 
 /// Micro-batch `k` of the stream: rows of T + 1 tokens cut one after another, as (inputs, targets).
@@ -254,8 +298,12 @@ pub fn train_on(
     }
     let accum_steps = args.total_batch_size / per_pass;
     let rank_accum_steps = accum_steps_per_rank(comm, accum_steps, "--total-batch-size")?;
-    let stream = token_stream(tokenizer, train_task, seq_len + 1)?;
-    let epoch_steps = stream.len() / (rows * (seq_len + 1)) / accum_steps;
+    let row_tokens = rows * (seq_len + 1);
+    // a run of --num-iterations steps reads that many steps' tokens, and one more token to say
+    // whether the mixture holds them all
+    let needed = args.num_iterations.map(|n| n * accum_steps * row_tokens + 1);
+    let stream = token_stream(tokenizer, train_task, seq_len + 1, needed)?;
+    let epoch_steps = stream.len() / row_tokens / accum_steps;
     let num_iterations = match args.num_iterations {
         Some(n) if n > epoch_steps => {
             bail!("--num-iterations {n} is more than one epoch of the mixture ({epoch_steps} steps): lower it")
@@ -266,13 +314,13 @@ pub fn train_on(
     if num_iterations == 0 {
         bail!("the mixture's {} tokens make no full step of {} tokens", stream.len(), args.total_batch_size);
     }
-    let val_stream = token_stream(tokenizer, val_task, seq_len + 1)?;
-    let val_available = val_stream.len() / (rows * (seq_len + 1));
+    let wanted_val_batches = (args.eval_tokens.unwrap_or(20 * args.total_batch_size) / per_pass).max(1);
+    let val_stream = token_stream(tokenizer, val_task, seq_len + 1, Some(wanted_val_batches * row_tokens))?;
+    let val_available = val_stream.len() / row_tokens;
     if args.eval_every > 0 && val_available == 0 {
         bail!("the held-out conversations make less than one batch: raise --val-fraction or pass --eval-every 0");
     }
-    let val_batches =
-        (args.eval_tokens.unwrap_or(20 * args.total_batch_size) / per_pass).clamp(1, val_available.max(1));
+    let val_batches = wanted_val_batches.min(val_available.max(1));
     // The stream's length stands for its content: a resume on other data would silently differ.
     // `grad_accum_steps` is the whole step's, over all ranks: a step's micro-batches do not depend
     // on the number of processes, so a run may resume on another number of them.
@@ -297,8 +345,8 @@ pub fn train_on(
         }
     };
     let intro = format!(
-        "midtraining {model_config:?} on {} conversations ({} tokens): {num_iterations} steps of {} tokens \
-         ({rank_accum_steps} micro-batches of {rows}x{seq_len} on each of {world} processes)",
+        "midtraining {model_config:?} on a mixture of {} conversations ({} tokens of it rendered): {num_iterations} \
+         steps of {} tokens ({rank_accum_steps} micro-batches of {rows}x{seq_len} on each of {world} processes)",
         train_task.len(),
         stream.len(),
         args.total_batch_size
@@ -371,5 +419,23 @@ impl StageData for StreamData {
     fn checkpoint_meta(&self, _comm: &dyn Communicator, _meta: &mut Meta) -> Result<()> {
         // The data position is the step itself: the checkpoint needs no rank's loader state.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::identity::Identity;
+
+    #[test]
+    fn a_limited_stream_is_the_whole_streams_prefix() {
+        let task = Identity::new(9000, 3); // more than two rendering chunks
+        let text: Vec<String> = (0..50).map(|i| format!("{:?}", task.get(i).unwrap().conversation)).collect();
+        let tokenizer = bpe::Tokenizer::train(text.iter(), 300, bpe::DEFAULT_PATTERN).unwrap();
+        let whole = token_stream(&tokenizer, &task, 64, None).unwrap();
+        for limit in [1, 1000, whole.len() / 2, whole.len(), whole.len() + 5] {
+            let part = token_stream(&tokenizer, &task, 64, Some(limit)).unwrap();
+            assert_eq!(part[..], whole[..limit.min(whole.len())]);
+        }
     }
 }

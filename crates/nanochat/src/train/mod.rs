@@ -26,12 +26,12 @@ use rayon::prelude::*;
 use crate::checkpoint::Meta;
 use crate::data::dataset::Split;
 use crate::data::loader::{Batch, Loader, LoaderConfig};
+use crate::data::sources::{Dataset, Online, RemoteFile};
 use crate::dist::{all_gather_vars, broadcast_vars, reduce_grads_to_owners, Communicator, DistMode};
 use crate::eval::evaluate_bpb_on;
 use crate::model::GPT;
 use crate::optim::{clip_grad_norm_on, setup_optimizers, OptimConfig, Optimizers};
 use crate::tasks::chat::ChatData;
-use crate::tasks::identity::Identity;
 use crate::tasks::{DataRoot, Task};
 
 /// A loader batch as (inputs, targets) tensors of shape (B, T).
@@ -388,15 +388,15 @@ pub fn save_weights_on(comm: &dyn Communicator, dir: &Path, varmap: &VarMap, met
     Ok(())
 }
 
-/// The first `limit` examples of `task` (all if it has fewer) rendered to `(ids, mask)`, each cut
-/// to `max_tokens`; in parallel, in order.
+/// The examples `range` of `task` (cut at its end) rendered to `(ids, mask)`, each cut to
+/// `max_tokens`; in parallel, in order.
 pub fn render_task(
     tokenizer: &bpe::Tokenizer,
     task: &dyn Task,
-    limit: usize,
+    range: std::ops::Range<usize>,
     max_tokens: usize,
 ) -> Result<Vec<(Vec<u32>, Vec<u8>)>> {
-    (0..task.len().min(limit))
+    (range.start.min(task.len())..range.end.min(task.len()))
         .into_par_iter()
         .map(|i| {
             let example = task.get(i)?;
@@ -474,10 +474,10 @@ pub struct ChatStageArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub model: crate::checkpoint::ModelArgs,
-    /// Task data, laid out like the offline mirror (eval/, sft/, words/) [default: $NANOCHAT_BASE_DIR/task_data].
-    #[arg(long)]
+    #[arg(long, env = "NANOCHAT_DATA_MIRROR", value_name = "DIR", help = crate::data::MIRROR_HELP)]
     pub data_dir: Option<PathBuf>,
-    /// JSON-lines file of identity conversations to train on instead of the built-in ones.
+    /// JSON-lines file of identity conversations to train on [default: the original's, downloaded;
+    /// with --data-dir, 1,000 generated ones].
     #[arg(long)]
     pub identity_file: Option<PathBuf>,
     /// AdamW learning rate of the token embedding (scaled by (n_embd/768)^-0.5).
@@ -512,15 +512,34 @@ impl ChatStageArgs {
         }
     }
 
+    /// Where the task data comes from: the mirror of `--data-dir`, else the online sources.
     pub fn data_root(&self) -> DataRoot {
-        self.data_dir.clone().map_or_else(DataRoot::default, DataRoot::new)
+        DataRoot::from_args(self.data_dir.clone())
     }
 
-    /// The identity conversations: the user's file, or 1,000 generated ones (the original's count).
+    /// The identity conversations: the user's file, or those of the data root.
     pub fn identity(&self) -> Result<Arc<dyn Task>> {
-        Ok(match &self.identity_file {
-            Some(path) => Arc::new(ChatData::custom_json(path)?),
-            None => Arc::new(Identity::new(1000, self.seed)),
-        })
+        match &self.identity_file {
+            Some(path) => Ok(Arc::new(ChatData::custom_json(path)?)),
+            None => crate::tasks::identity::load(&self.data_root(), self.seed),
+        }
+    }
+
+    /// The online sources of the identity conversations, unless a file or a mirror replaces them.
+    pub fn identity_sources(&self) -> Vec<Dataset> {
+        if self.identity_file.is_none() && self.data_dir.is_none() {
+            vec![Dataset::Identity]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The files the stage downloads, from its online `sources` (none with a mirror).
+    pub fn downloads(&self, sources: &[Dataset]) -> Vec<RemoteFile> {
+        if self.data_dir.is_some() {
+            return Vec::new();
+        }
+        let online = Online::from_env();
+        sources.iter().map(|d| online.file(d)).collect()
     }
 }

@@ -48,6 +48,7 @@ use super::{
 };
 use crate::checkpoint::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
+use crate::data::sources::{self, RemoteFile};
 use crate::dist::{self, or_abort, rank_stride, Communicator, SingleProcess};
 use crate::engine::{Engine, GenerateOptions};
 use crate::eval::chat::{grade_samples, sample_problem};
@@ -137,6 +138,14 @@ pub struct RlReport {
     pub num_iterations: usize,
     /// The last pass@1..k on the test problems.
     pub pass_at_k: Vec<f64>,
+}
+
+impl RlCommand {
+    /// What running this command downloads on first use (nothing with a mirror): GSM8K.
+    pub fn downloads(&self) -> Vec<RemoteFile> {
+        let RlCommand::Train(args) = self;
+        args.stage.downloads(&[sources::gsm8k("train"), sources::gsm8k("test")])
+    }
 }
 
 pub fn run(cmd: RlCommand) -> Result<()> {

@@ -4,10 +4,11 @@
 //! Design choices, as in the original unless said otherwise:
 //! - it starts from the latest midtrained model (`--source mid`); when there is none it stops and
 //!   says so rather than silently finetuning the base model, which `--source base` asks for;
-//! - the mixture: ARC-Easy and ARC-Challenge (validation splits here: the mirror has no ARC
-//!   train split and the test splits are for evaluation), GSM8K train, the first 10,000 chat
-//!   conversations, the identity conversations, 300 SimpleSpelling and 300 SpellingBee, shuffled
-//!   together by `--seed`; validation loss on the chat data's test split;
+//! - the mixture: ARC-Easy and ARC-Challenge train, GSM8K train, the first 10,000 chat
+//!   conversations (SmolTalk), the identity conversations, 300 SimpleSpelling and 300
+//!   SpellingBee, shuffled together by `--seed`; validation loss on the chat data's test split.
+//!   From an offline mirror, which has no ARC train split and no SmolTalk, ARC validation and its
+//!   ShareGPT conversations stand in (the ARC test splits stay for evaluation);
 //! - a micro-batch is `--device-batch-size` whole conversations (cut to the model's context), padded
 //!   to the longest with `<|assistant_end|>`; targets are -1 (ignored) wherever the mask is 0
 //!   (user turns, calculator output, BOS) and on padding, so the loss is the mean over the
@@ -43,6 +44,7 @@ use super::{
 };
 use crate::checkpoint::Source;
 use crate::checkpoint::{self, Checkpoint, LoopState, Meta};
+use crate::data::sources::{self, Dataset, RemoteFile};
 use crate::dist::{self, or_abort, rank_stride, Communicator, SingleProcess};
 use crate::model::GPT;
 use crate::tasks::arc::{ArcSubset, ArcTask};
@@ -152,18 +154,39 @@ fn run_on(args: &SftArgs, comm: &dyn Communicator) -> Result<()> {
 pub fn sft_mixture(stage: &ChatStageArgs) -> Result<(Arc<dyn Task>, Arc<dyn Task>)> {
     let root = stage.data_root();
     let words = load_words(&root)?;
-    let chat: Arc<dyn Task> = Arc::new(ChatData::sharegpt(&root, "train")?);
+    let chat: Arc<dyn Task> = Arc::new(ChatData::load(&root, "train")?);
+    let arc_split = if root.is_mirror() { "validation" } else { "train" };
     let tasks: Vec<Arc<dyn Task>> = vec![
-        Arc::new(ArcTask::load(&root, ArcSubset::Easy, "validation")?),
-        Arc::new(ArcTask::load(&root, ArcSubset::Challenge, "validation")?),
+        Arc::new(ArcTask::load(&root, ArcSubset::Easy, arc_split)?),
+        Arc::new(ArcTask::load(&root, ArcSubset::Challenge, arc_split)?),
         Arc::new(Gsm8k::load(&root, "train")?),
         Arc::new(Subset::slice(chat, 0, Some(10_000), 1)?),
         stage.identity()?,
         Arc::new(SimpleSpelling::new(words.clone(), 300, Split::Train)),
         Arc::new(SpellingBee::new(words, 300, Split::Train)),
     ];
-    let val: Arc<dyn Task> = Arc::new(ChatData::sharegpt(&root, "test")?);
+    let val: Arc<dyn Task> = Arc::new(ChatData::load(&root, "test")?);
     Ok((Arc::new(TaskMixture::new(tasks, stage.seed)), val))
+}
+
+/// The online data [`sft_mixture`] reads (the identity conversations aside), for listing what the
+/// stage downloads.
+fn sources() -> Vec<Dataset> {
+    let mut datasets = vec![sources::arc("ARC-Easy", "train"), sources::arc("ARC-Challenge", "train")];
+    datasets.extend([sources::gsm8k("train"), Dataset::Words]);
+    datasets.extend(sources::smoltalk("train"));
+    datasets.extend(sources::smoltalk("test"));
+    datasets
+}
+
+impl SftCommand {
+    /// What running this command downloads on first use (nothing with a mirror).
+    pub fn downloads(&self) -> Vec<RemoteFile> {
+        let SftCommand::Train(args) = self;
+        let mut datasets = sources();
+        datasets.extend(args.stage.identity_sources());
+        args.stage.downloads(&datasets)
+    }
 }
 
 /// Rendered conversations as one padded batch: inputs (row-major, `rows` × `cols`, padded with
@@ -267,9 +290,9 @@ pub fn train_on(
     }
     // Rendering cuts conversations to the context; a row of n tokens gives n - 1 inputs.
     let max_tokens = model_config.sequence_len + 1;
-    let conversations = render_task(tokenizer, train_task, usize::MAX, max_tokens)?;
+    let conversations = render_task(tokenizer, train_task, 0..usize::MAX, max_tokens)?;
     let val_steps = args.eval_steps.max(1);
-    let val_conversations = render_task(tokenizer, val_task, val_steps * rows, max_tokens)?;
+    let val_conversations = render_task(tokenizer, val_task, 0..val_steps * rows, max_tokens)?;
     if val_conversations.is_empty() {
         bail!("{} has no conversations to validate on", val_task.name());
     }

@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -15,33 +14,7 @@ use nanochat::serve::transcript::ReplyText;
 use nanochat::serve::{Server, ServerConfig};
 use serde_json::{json, Value};
 
-pub fn shared() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-}
-
-pub fn tokenizer() -> Result<bpe::Tokenizer> {
-    let path = shared().join("tokenizer/mergeable_ranks.tiktoken");
-    let text = std::fs::read_to_string(&path)?;
-    Ok(bpe::Tokenizer::from_tokens(bpe::format::parse_ranks(&text, &path)?, bpe::DEFAULT_PATTERN)?)
-}
-
-pub fn fixture_config() -> GPTConfig {
-    GPTConfig {
-        sequence_len: 64,
-        vocab_size: 1024,
-        n_layer: 2,
-        n_head: 4,
-        n_kv_head: 2,
-        n_embd: 64,
-        rotary: Default::default(),
-    }
-}
-
-pub fn fixture_engine() -> Result<Engine> {
-    let params = candle_core::safetensors::load(shared().join("model/params.safetensors"), &Device::Cpu)?;
-    let vb = VarBuilder::from_tensors(params, DType::F32, &Device::Cpu);
-    Engine::new(GPT::new(&fixture_config(), vb)?, tokenizer()?)
-}
+pub use crate::common::{fixture_engine, tokenizer};
 
 /// Large enough that each token costs real time, all zeros so greedy decoding never stops.
 pub fn endless_engine() -> Result<Engine> {
@@ -232,11 +205,7 @@ pub fn wait_for(addr: SocketAddr, limit: Duration, done: impl Fn(&Value) -> bool
 /// A base dir holding the fixture tokenizer and the fixture weights as SFT checkpoint d2, step 5.
 pub fn base_dir() -> Result<tempfile::TempDir> {
     let base = tempfile::tempdir()?;
-    let tok = tokenizer()?;
-    tok.save(&base.path().join("tokenizer"))?;
-    let params = candle_core::safetensors::load(shared().join("model/params.safetensors"), &Device::Cpu)?;
-    let meta = nanochat::checkpoint::Meta::new(5, fixture_config(), tok.fingerprint());
-    nanochat::checkpoint::save(&base.path().join("chatsft_checkpoints/d2"), &params, None, &meta)?;
+    crate::common::fixture_checkpoint(base.path(), "chatsft_checkpoints")?;
     Ok(base)
 }
 
