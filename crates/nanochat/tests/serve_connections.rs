@@ -4,10 +4,11 @@
 //! a 503 at once; streams in flight at shutdown complete; a SIGTERM'd server with a stalled
 //! client exits within its deadline, and at once on a second signal.
 
+mod common;
 // shared with serve.rs, which uses more of it
 #[allow(dead_code)]
 #[path = "serve/common.rs"]
-mod common;
+mod serve_common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -15,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use common::*;
+use serve_common::*;
 use nanochat::serve::conn::ConnectionLimits;
 use nanochat::serve::Server;
 use serde_json::json;
