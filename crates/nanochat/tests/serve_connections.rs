@@ -16,10 +16,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serve_common::*;
 use nanochat::serve::conn::ConnectionLimits;
 use nanochat::serve::Server;
 use serde_json::json;
+use serve_common::*;
 
 fn limits(header_timeout: u64, body_timeout: u64, max_connections: usize, shutdown_timeout: u64) -> ConnectionLimits {
     ConnectionLimits {
