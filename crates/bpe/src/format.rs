@@ -8,7 +8,9 @@
 //!   corruption that still parses.
 //!
 //! Both files are written through a temporary file and a rename, JSON last, so a tokenizer
-//! directory is either complete or detected as such.
+//! directory is either complete or detected as such. Loading reads at most [`MAX_META_BYTES`] and
+//! [`MAX_RANKS_BYTES`] (far above any real tokenizer's files), so a wrong or hostile file is an
+//! error, never an unbounded read.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,10 @@ use crate::{Error, Tokenizer, SPECIAL_TOKENS};
 
 pub const RANKS_FILE: &str = "tokenizer.tiktoken";
 pub const META_FILE: &str = "tokenizer.json";
+/// The largest `tokenizer.json` read (a real one is a few hundred bytes).
+pub const MAX_META_BYTES: u64 = 1 << 20;
+/// The largest `tokenizer.tiktoken` read (GPT-4o's 200,000 tokens take 3.6 MB).
+pub const MAX_RANKS_BYTES: u64 = 64 << 20;
 const FORMAT: &str = "nanochat-bpe";
 const VERSION: u32 = 1;
 
@@ -99,6 +105,19 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
+/// The bytes of `path`, refusing a file larger than `max` without reading past it (a device or
+/// a growing file included).
+fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes).map_err(io_err(path))?;
+    if bytes.len() as u64 > max {
+        return Err(Error::Corrupt { path: path.to_path_buf(), reason: format!("larger than {max} bytes") });
+    }
+    Ok(bytes)
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let tmp: PathBuf = path.with_extension(format!("tmp{}", std::process::id()));
     let result = (|| {
@@ -138,8 +157,8 @@ impl Tokenizer {
         let meta_path = dir.join(META_FILE);
         let ranks_path = dir.join(RANKS_FILE);
         let corrupt = |path: &Path, reason: String| Error::Corrupt { path: path.to_path_buf(), reason };
-        let json = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
-        let meta: Meta = serde_json::from_str(&json).map_err(|e| corrupt(&meta_path, e.to_string()))?;
+        let json = read_capped(&meta_path, MAX_META_BYTES)?;
+        let meta: Meta = serde_json::from_slice(&json).map_err(|e| corrupt(&meta_path, e.to_string()))?;
         if meta.format != FORMAT || meta.version != VERSION {
             return Err(corrupt(
                 &meta_path,
@@ -152,7 +171,7 @@ impl Tokenizer {
         if meta.special_tokens != SPECIAL_TOKENS {
             return Err(corrupt(&meta_path, format!("unexpected special tokens {:?}", meta.special_tokens)));
         }
-        let ranks = std::fs::read(&ranks_path).map_err(io_err(&ranks_path))?;
+        let ranks = read_capped(&ranks_path, MAX_RANKS_BYTES)?;
         if checksum(&ranks) != meta.ranks_fnv1a64 {
             return Err(corrupt(&ranks_path, "checksum mismatch (truncated or modified)".into()));
         }
@@ -161,6 +180,6 @@ impl Tokenizer {
         if tokens.len() != meta.n_mergeable {
             return Err(corrupt(&ranks_path, format!("{} tokens, expected {}", tokens.len(), meta.n_mergeable)));
         }
-        Tokenizer::from_tokens(tokens, &meta.pattern)
+        Tokenizer::from_tokens(tokens, &meta.pattern).map_err(|e| corrupt(&ranks_path, e.to_string()))
     }
 }

@@ -51,6 +51,8 @@ pub enum Error {
     EmptyCorpus,
     #[error("invalid split pattern: {0}")]
     Pattern(String),
+    #[error("invalid vocabulary: {0}")]
+    Vocabulary(String),
     #[error("{path}: {source}")]
     Io { path: std::path::PathBuf, source: std::io::Error },
     #[error("{path}: corrupt tokenizer file: {reason} (re-create it with `nanochat tok train`)")]

@@ -19,6 +19,10 @@ use crate::{Error, Splitter, SPECIAL_TOKENS};
 
 /// Pieces at least this long are merged with a heap instead of the quadratic scan.
 const LONG_PIECE: usize = 128;
+/// Building the pair table hashes every prefix of every token: its cost is the sum of the squared
+/// token lengths. A real vocabulary's is a few million; this bound (about a second's work) keeps
+/// a vocabulary of absurdly long tokens from stalling a load.
+const MAX_PAIR_WORK: u64 = 1 << 34;
 
 /// A byte-level BPE tokenizer with nanochat's special tokens. Cheap to clone (shared tables).
 #[derive(Clone)]
@@ -79,11 +83,21 @@ impl Tokenizer {
     /// Every single byte must be a token, so that any input can be encoded.
     pub fn from_tokens(tokens: Vec<Vec<u8>>, pattern: &str) -> Result<Tokenizer, Error> {
         let splitter = Splitter::new(pattern)?;
+        if tokens.len() > (u32::MAX as usize) - SPECIAL_TOKENS.len() {
+            return Err(Error::Vocabulary(format!("{} tokens do not fit 32-bit ids", tokens.len())));
+        }
+        let work: u64 = tokens.iter().map(|t| (t.len() as u64).pow(2)).sum();
+        if work > MAX_PAIR_WORK {
+            let longest = tokens.iter().map(Vec::len).max().unwrap_or(0);
+            return Err(Error::Vocabulary(format!(
+                "its tokens are too long to index (the longest is {longest} bytes): not a BPE vocabulary"
+            )));
+        }
         let mut ranks = FxHashMap::default();
         ranks.reserve(tokens.len());
         for (id, bytes) in tokens.iter().enumerate() {
             if bytes.is_empty() {
-                return Err(Error::Pattern(format!("token {id} has no bytes")));
+                return Err(Error::Vocabulary(format!("token {id} has no bytes")));
             }
             ranks.insert(bytes.clone(), id as u32);
         }
@@ -91,7 +105,7 @@ impl Tokenizer {
         for (b, slot) in byte_ids.iter_mut().enumerate() {
             *slot = *ranks
                 .get(&[b as u8][..])
-                .ok_or_else(|| Error::Pattern(format!("byte {b:#04x} is not a token: every byte must be")))?;
+                .ok_or_else(|| Error::Vocabulary(format!("byte {b:#04x} is not a token: every byte must be")))?;
         }
         let mut pairs = FxHashMap::default();
         for (bytes, &id) in &ranks {

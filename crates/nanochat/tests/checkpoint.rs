@@ -86,6 +86,7 @@ fn round_trip_is_bit_identical_and_optimizer_resumes() {
     assert_same(&optim, &ckpt.optim);
     let mut expected = meta(7);
     expected.files = ckpt.meta.files.clone();
+    expected.sha256 = ckpt.meta.sha256.clone();
     assert_eq!(ckpt.meta, expected);
     assert_eq!(ckpt.meta.files.len(), 2);
 
@@ -129,10 +130,16 @@ fn missing_truncated_and_corrupt_files_are_reported() {
     let err = load_err(tmp.path(), 5);
     assert!(err.contains("truncated"), "{err}");
 
-    // Same size, damaged header.
+    // Same size, damaged header: the checksum notices; without one (an older checkpoint), parsing does.
     let mut damaged = bytes.clone();
     damaged[8..40].fill(b'#');
     std::fs::write(&model, &damaged).unwrap();
+    let err = load_err(tmp.path(), 5);
+    assert!(err.contains("damaged") && err.contains("SHA-256"), "{err}");
+    let meta_file = checkpoint::meta_path(tmp.path(), 5);
+    let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_file).unwrap()).unwrap();
+    meta.as_object_mut().unwrap().remove("sha256");
+    std::fs::write(&meta_file, meta.to_string()).unwrap();
     let err = load_err(tmp.path(), 5);
     assert!(err.contains("not a valid safetensors file"), "{err}");
 

@@ -372,10 +372,10 @@ fn hostile_pickles_are_refused_without_running_anything() -> Result<()> {
         serde_json::from_slice(&std::fs::read(fixtures().join("original/base_checkpoints/d2/meta_000010.json"))?)?;
     let tok = fixtures().join("original/tokenizer");
     for (key, value, says) in [
-        ("n_layer", 1u64 << 40, "layers"),
-        ("sequence_len", 1 << 40, "context"),
+        ("n_layer", 1u64 << 40, "n_layer 1099511627776 is above"),
+        ("sequence_len", 1 << 40, "sequence_len 1099511627776 is above"),
         ("n_head", 0, "n_head"),
-        ("vocab_size", 1 << 40, "needs"),
+        ("vocab_size", 1 << 40, "vocab_size 1099511627776 is above"),
     ] {
         let mut meta = meta.clone();
         meta["model_config"][key] = Value::from(value);
@@ -391,7 +391,7 @@ fn hostile_pickles_are_refused_without_running_anything() -> Result<()> {
     config["num_hidden_layers"] = Value::from(1u64 << 40);
     std::fs::write(hf.path().join("config.json"), serde_json::to_vec(&config)?)?;
     let err = format!("{:#}", interop::plan_local(hf.path(), None, None).err().unwrap());
-    assert!(err.contains("num_hidden_layers"), "{err}");
+    assert!(err.contains("config.json") && err.contains("n_layer 1099511627776 is above"), "{err}");
 
     // damaged PyTorch files: cut short
     let tmp = tempfile::tempdir()?;

@@ -3,7 +3,6 @@
 //! the native API's new fields and the calculator shown as text, CORS, API keys, JSON bodies on
 //! 404/405, and `/metrics` parsed as Prometheus text.
 
-#[allow(dead_code)]
 mod common;
 #[path = "serve/fixture.rs"]
 mod fixture;

@@ -108,7 +108,15 @@ impl ModelArgs {
                 crate::tokenizer::tokenizer_dir().display()
             );
         }
-        let ckpt = load(&at.dir, at.step, device, false, Some(&tokenizer.fingerprint()))?;
+        let ckpt = load(&at.dir, at.step, device, false, Some(&tokenizer.fingerprint())).with_context(|| {
+            format!(
+                "loading the {} model {} at step {}: pick another step with --step, or make a new one with `{}`",
+                format!("{:?}", at.source).to_lowercase(),
+                at.tag,
+                at.step,
+                at.source.train_command()
+            )
+        })?;
         Ok((ckpt, at))
     }
 

@@ -86,7 +86,12 @@ pub struct Shard {
 
 impl Shard {
     pub fn open(path: &Path) -> Result<Shard> {
+        guarded(path, || Shard::open_unguarded(path))
+    }
+
+    fn open_unguarded(path: &Path) -> Result<Shard> {
         let file = File::open(path).with_context(|| format!("opening shard {}", path.display()))?;
+        let file_len = file.metadata().with_context(|| format!("reading {}", path.display()))?.len();
         let reader = SerializedFileReader::new(file).with_context(|| {
             format!(
                 "{} is not a valid parquet file (truncated or corrupt?): delete it and download or \
@@ -107,6 +112,7 @@ impl Shard {
         if schema.column(text_column).physical_type() != PhysicalType::BYTE_ARRAY {
             bail!("{}: the `text` column does not hold strings", path.display());
         }
+        check_footer(path, &reader, file_len)?;
         Ok(Shard { path: path.to_path_buf(), reader, text_column })
     }
 
@@ -117,6 +123,10 @@ impl Shard {
     /// The documents of row group `index`, nulls skipped. Invalid UTF-8 is replaced rather than
     /// fatal: one bad document should not stop a training run.
     pub fn read_texts(&self, index: usize) -> Result<Vec<String>> {
+        guarded(&self.path, || self.read_row_group(index))
+    }
+
+    fn read_row_group(&self, index: usize) -> Result<Vec<String>> {
         let context = || {
             format!(
                 "reading row group {index} of {}: the file is damaged (a corrupt page); delete it and download \
@@ -125,7 +135,8 @@ impl Shard {
             )
         };
         let row_group = self.reader.get_row_group(index).with_context(context)?;
-        let rows = usize::try_from(row_group.metadata().num_rows()).unwrap_or(0);
+        // the footer's row count sizes the buffers: no more than a row group's worth, whatever it says
+        let rows = usize::try_from(row_group.metadata().num_rows()).unwrap_or(0).min(ROW_GROUP_DOCS);
         let column = row_group.get_column_reader(self.text_column).with_context(context)?;
         let ColumnReader::ByteArrayColumnReader(mut column) = column else {
             bail!("{}: the `text` column does not hold strings", self.path.display());
@@ -146,6 +157,41 @@ impl Shard {
         }
         Ok(values.iter().map(|v| String::from_utf8_lossy(v.data()).into_owned()).collect())
     }
+}
+
+/// Checks the footer's numbers that the parquet reader trusts (and asserts on, or sizes buffers
+/// from): every row count non-negative, every column chunk inside the file.
+fn check_footer(path: &Path, reader: &SerializedFileReader<File>, file_len: u64) -> Result<()> {
+    for (i, row_group) in reader.metadata().row_groups().iter().enumerate() {
+        let chunks_inside = row_group.columns().iter().all(|chunk| {
+            let start = chunk.dictionary_page_offset().unwrap_or(chunk.data_page_offset());
+            let end = start.checked_add(chunk.compressed_size());
+            start >= 0
+                && chunk.compressed_size() >= 0
+                && chunk.uncompressed_size() >= 0
+                && chunk.num_values() >= 0
+                && end.is_some_and(|end| u64::try_from(end).is_ok_and(|end| end <= file_len))
+        });
+        if row_group.num_rows() < 0 || !chunks_inside {
+            bail!(
+                "{}: row group {i} points outside the file (a corrupt footer): delete it and download or build it \
+                 again",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Runs a read of the parquet file at `path`, turning a panic of the parquet reader (it asserts
+/// on some malformed data) into an error that names the file.
+fn guarded<T>(path: &Path, read: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).unwrap_or_else(|_| {
+        bail!(
+            "{} is malformed (the parquet reader gave up on it): delete it and download or build it again",
+            path.display()
+        )
+    })
 }
 
 /// Writes `docs` as a shard at `path`: column `text`, row groups of [`ROW_GROUP_DOCS`], zstd.

@@ -32,6 +32,14 @@ const SOFTCAP: f64 = 15.0;
 /// run past `sequence_len` without recomputing them.
 const ROTARY_LEN_FACTOR: usize = 10;
 
+/// Upper bounds of a config's fields, far above any model here or in the original (its largest
+/// is 32 layers, width 2,048, 65,536 tokens, context 2,048): a corrupt config is refused before
+/// anything is sized from it, and sizes derived from a valid one cannot overflow.
+const MAX_LAYERS: usize = 1024;
+const MAX_EMBD: usize = 1 << 16;
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_SEQUENCE_LEN: usize = 1 << 20;
+
 /// The precision of the rotary cos/sin tables, a property of how a model was trained: its weights
 /// expect the tables it saw.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,11 +86,21 @@ impl GPTConfig {
         self.n_embd / self.n_head
     }
 
-    /// Rejects shapes the forward pass cannot run, with the reason.
+    /// Rejects shapes the forward pass cannot run or no machine could hold, with the reason.
     pub fn validate(&self) -> Result<()> {
         let c = self;
-        if c.n_layer == 0 || c.n_head == 0 || c.n_kv_head == 0 || c.vocab_size == 0 {
-            candle_core::bail!("GPTConfig needs n_layer, n_head, n_kv_head, vocab_size > 0: {c:?}");
+        if c.n_layer == 0 || c.n_head == 0 || c.n_kv_head == 0 || c.vocab_size == 0 || c.sequence_len == 0 {
+            candle_core::bail!("GPTConfig needs n_layer, n_head, n_kv_head, vocab_size, sequence_len > 0: {c:?}");
+        }
+        for (field, value, max) in [
+            ("n_layer", c.n_layer, MAX_LAYERS),
+            ("n_embd", c.n_embd, MAX_EMBD),
+            ("vocab_size", c.vocab_size, MAX_VOCAB),
+            ("sequence_len", c.sequence_len, MAX_SEQUENCE_LEN),
+        ] {
+            if value > max {
+                candle_core::bail!("{field} {value} is above {max}, more than any model has: {c:?}");
+            }
         }
         if !c.n_embd.is_multiple_of(c.n_head) || !c.head_dim().is_multiple_of(2) {
             candle_core::bail!("n_embd must split into n_head heads of even dimension: {c:?}");
@@ -95,6 +113,12 @@ impl GPTConfig {
 
     pub fn num_params(&self) -> usize {
         self.params().iter().map(ParamSpec::numel).sum()
+    }
+
+    /// Bytes a model of this (valid) config holds in memory: its f32 weights and rotary tables.
+    pub fn memory_bytes(&self) -> u64 {
+        let rotary = 2 * self.sequence_len * ROTARY_LEN_FACTOR * (self.head_dim() / 2);
+        4 * (self.num_params() + rotary) as u64
     }
 
     /// Training FLOPs per token: 6 per non-embedding weight (forward + backward matmuls; the

@@ -10,7 +10,7 @@
 //! makes a dozen full-size temporaries of them per step. Both paths do the same f32 operations in
 //! the same order, so they agree bit for bit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
@@ -112,15 +112,24 @@ impl AdamW {
         Ok(out)
     }
 
-    /// Restores the state saved by [`AdamW::state_dict`]; parameters absent from `state` start
-    /// fresh, as on the first step.
+    /// Restores the state saved by [`AdamW::state_dict`]: every parameter's (an empty `state`,
+    /// saved before the first step, starts all fresh).
     pub fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let params = self.groups.iter().flat_map(|g| g.params.iter());
+        let expected: HashSet<String> =
+            params.flat_map(|(name, _)| ["step", "exp_avg", "exp_avg_sq"].map(|k| format!("{name}.{k}"))).collect();
+        if let Some(key) = state.keys().find(|k| !expected.contains(*k)) {
+            candle_core::bail!("the optimizer state has an entry adamw.{key} that is no parameter's AdamW state");
+        }
         self.state.clear();
         for group in &self.groups {
             for (name, var) in &group.params {
                 let get = |key: &str| state.get(&format!("{name}.{key}"));
                 let (Some(step), Some(m), Some(v)) = (get("step"), get("exp_avg"), get("exp_avg_sq")) else {
-                    continue;
+                    if state.is_empty() {
+                        continue;
+                    }
+                    candle_core::bail!("the optimizer state has no AdamW step, exp_avg and exp_avg_sq for {name}");
                 };
                 if m.shape() != var.shape() || v.shape() != var.shape() {
                     candle_core::bail!("AdamW moments of {name} do not have its shape {:?}", var.shape());

@@ -167,13 +167,23 @@ impl Optimizers {
     }
 
     /// Restores the state of [`Optimizers::state_dict`] (of one process, or of every rank's
-    /// together); with sharded state, this rank keeps its own parameters' only.
+    /// together); with sharded state, this rank keeps its own parameters' only. The state must
+    /// be complete and hold nothing else (a renamed or missing entry would otherwise quietly
+    /// restart that parameter's state); an empty one, saved before the first step, starts fresh.
     pub fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        if let Some(key) = state.keys().find(|k| !k.starts_with("adamw.") && !k.starts_with("muon.")) {
+            candle_core::bail!("the optimizer state has an entry {key} of neither optimizer");
+        }
         let strip = |prefix: &str| -> HashMap<String, Tensor> {
             state.iter().filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone()))).collect()
         };
-        self.adamw.load_state_dict(&strip("adamw."))?;
-        self.muon.load_state_dict(&strip("muon."))?;
+        let (adamw, muon) = (strip("adamw."), strip("muon."));
+        if !state.is_empty() && (adamw.is_empty() || muon.is_empty()) {
+            let missing = if adamw.is_empty() { "AdamW" } else { "Muon" };
+            candle_core::bail!("the optimizer state has no {missing} entries, but the other optimizer's");
+        }
+        self.adamw.load_state_dict(&adamw)?;
+        self.muon.load_state_dict(&muon)?;
         self.drop_others_state();
         Ok(())
     }

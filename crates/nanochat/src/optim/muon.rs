@@ -6,7 +6,7 @@
 //! [`Kernels`] (the model's) put the training GEMM in bf16: the products' operands are rounded to
 //! bf16.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
@@ -212,12 +212,21 @@ impl Muon {
         self.state.iter().map(|(name, buf)| Ok((format!("{name}.momentum_buffer"), buf.copy()?))).collect()
     }
 
-    /// Restores the state saved by [`Muon::state_dict`]; parameters absent from `state` start
-    /// with a zero buffer, as on the first step.
+    /// Restores the state saved by [`Muon::state_dict`]: every parameter's (an empty `state`,
+    /// saved before the first step, starts all with zero buffers).
     pub fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let expected: HashSet<String> =
+            self.group.params.iter().map(|(name, _)| format!("{name}.momentum_buffer")).collect();
+        if let Some(key) = state.keys().find(|k| !expected.contains(*k)) {
+            candle_core::bail!("the optimizer state has an entry muon.{key} that is no parameter's Muon state");
+        }
         self.state.clear();
         for (name, var) in &self.group.params {
-            if let Some(buf) = state.get(&format!("{name}.momentum_buffer")) {
+            let buf = state.get(&format!("{name}.momentum_buffer"));
+            if buf.is_none() && !state.is_empty() {
+                candle_core::bail!("the optimizer state has no Muon momentum_buffer for {name}");
+            }
+            if let Some(buf) = buf {
                 if buf.shape() != var.shape() {
                     candle_core::bail!(
                         "momentum buffer of {name} has shape {:?}, expected {:?}",

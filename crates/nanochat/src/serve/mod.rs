@@ -16,11 +16,13 @@
 //!
 //! Safety under load: a bounded queue in front of the workers (503 when full), a time limit per
 //! request, request bodies capped at 1 MB, every malformed request answered with a 4xx and a
-//! message, generation cancelled when the client disconnects, and a graceful shutdown on
-//! SIGINT/SIGTERM that lets running replies finish.
+//! message, generation cancelled when the client disconnects; and below the routes ([`conn`]):
+//! header, body and idle timeouts, a cap on open connections that stalled clients cannot fill,
+//! and a shutdown on SIGINT/SIGTERM that lets running replies finish, up to a deadline.
 
 mod api;
 mod completions;
+pub mod conn;
 mod layers;
 pub mod metrics;
 mod openai;
@@ -53,6 +55,7 @@ use tokio::sync::oneshot;
 use crate::checkpoint::{ModelArgs, Source};
 use crate::engine::{Engine, SamplingArgs};
 use crate::model::decode::WeightFormat;
+use conn::{ConnectionArgs, ConnectionLimits};
 use params::{MAX_MAX_TOKENS, MAX_TEMPERATURE, MAX_TOP_K};
 use workers::{Event, Pool};
 
@@ -93,6 +96,8 @@ pub struct ServeArgs {
     /// token) with slightly different logits; they run the native CPU path even with a GPU.
     #[arg(long, value_enum, default_value_t = WeightFormat::F32)]
     pub weights: WeightFormat,
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
     /// Memory for the prompt cache, in MB: the keys and values of recent conversations, shared by
     /// the workers, so a conversation's next turn prefills only its new tokens; 0 = off.
     #[arg(long, default_value_t = 512)]
@@ -145,9 +150,20 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds `host:port` and serves on a runtime of its own thread until [`Server::shutdown`],
-    /// SIGINT or SIGTERM.
+    /// [`Server::start_with`] the default connection limits.
     pub fn start(host: &str, port: u16, engines: Vec<Engine>, config: ServerConfig) -> Result<Server> {
+        Server::start_with(host, port, engines, config, ConnectionLimits::default())
+    }
+
+    /// Binds `host:port` and serves on a runtime of its own thread until [`Server::shutdown`],
+    /// SIGINT or SIGTERM, with `limits` on its connections.
+    pub fn start_with(
+        host: &str,
+        port: u16,
+        engines: Vec<Engine>,
+        config: ServerConfig,
+        limits: ConnectionLimits,
+    ) -> Result<Server> {
         let first = engines.first().context("the server needs at least one worker: pass --workers 1 or more")?;
         let tokenizer = first.tokenizer().clone();
         let max_positions = first.max_positions()?;
@@ -160,7 +176,7 @@ impl Server {
         let (stop, stopped) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("nanochat-http".into())
-            .spawn(move || serve(listener, state, stopped))
+            .spawn(move || serve(listener, state, limits, stopped))
             .context("starting the HTTP thread")?;
         Ok(Server { addr, stop: Some(stop), thread: Some(thread) })
     }
@@ -169,7 +185,8 @@ impl Server {
         self.addr
     }
 
-    /// Stops accepting connections, lets running replies finish, stops the workers.
+    /// Stops accepting connections, lets running replies finish (up to the shutdown timeout),
+    /// stops the workers.
     pub fn shutdown(mut self) -> Result<()> {
         if let Some(stop) = self.stop.take() {
             // the server may have stopped on a signal already
@@ -187,7 +204,12 @@ impl Server {
     }
 }
 
-fn serve(listener: std::net::TcpListener, state: Arc<AppState>, stopped: oneshot::Receiver<()>) -> Result<()> {
+fn serve(
+    listener: std::net::TcpListener,
+    state: Arc<AppState>,
+    limits: ConnectionLimits,
+    stopped: oneshot::Receiver<()>,
+) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("nanochat-http")
@@ -195,36 +217,14 @@ fn serve(listener: std::net::TcpListener, state: Arc<AppState>, stopped: oneshot
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        axum::serve(listener, router(Arc::clone(&state))).with_graceful_shutdown(shutdown_signal(stopped)).await
+        conn::serve(listener, router(Arc::clone(&state)), limits, stopped).await
     })?;
     // every connection has closed, so this is the last reference to the state and its pool
+    runtime.shutdown_timeout(Duration::from_secs(1));
     if let Some(state) = Arc::into_inner(state) {
         state.pool.shutdown();
     }
     Ok(())
-}
-
-/// Resolves on the first of: `Server::shutdown`, SIGINT (Ctrl-C), SIGTERM.
-async fn shutdown_signal(stopped: oneshot::Receiver<()>) {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            // no signal handling here: wait for the other triggers only
-            std::future::pending::<()>().await;
-        }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = stopped => {}
-        _ = ctrl_c => eprintln!("interrupted: finishing the replies in progress, then stopping"),
-        _ = term => eprintln!("terminated: finishing the replies in progress, then stopping"),
-    }
 }
 
 fn router(state: Arc<AppState>) -> Router {
@@ -271,6 +271,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         (1..=MAX_MAX_TOKENS).contains(&(args.sampling.max_tokens as i64)),
         "--max-tokens must be between 1 and {MAX_MAX_TOKENS}"
     );
+    let limits = args.connections.limits()?;
     // checked before loading the model: a typo should not cost the load
     layers::cors(&args.cors_origins)?;
     let api_key = args.api_key.filter(|k| !k.is_empty());
@@ -298,7 +299,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
         None => args.port,
     };
-    let server = Server::start(&args.host, port, engines, config)?;
+    let server = Server::start_with(&args.host, port, engines, config, limits)?;
     println!(
         "nanochat serving on http://{} ({} workers, up to {} replies each, {} weights); Ctrl-C to stop",
         server.addr(),

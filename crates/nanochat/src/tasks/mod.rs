@@ -240,7 +240,8 @@ fn check_roles(conversation: &Conversation) -> Result<()> {
     Ok(())
 }
 
-/// Opens a text file, decompressing it if its name ends in `.gz`.
+/// Opens a text file, decompressing it if its name ends in `.gz`. Its lines may be at most
+/// [`MAX_LINE_BYTES`] long.
 fn open_text(path: &Path) -> Result<Box<dyn BufRead>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let reader: Box<dyn Read> = if path.extension().is_some_and(|e| e == "gz") {
@@ -248,7 +249,52 @@ fn open_text(path: &Path) -> Result<Box<dyn BufRead>> {
     } else {
         Box::new(file)
     };
-    Ok(Box::new(BufReader::with_capacity(1 << 20, reader)))
+    Ok(Box::new(LineLimit { inner: BufReader::with_capacity(1 << 20, reader), since_newline: 0 }))
+}
+
+/// The longest line a task file may have, far above any row of the datasets: a file without line
+/// breaks (or a decompression bomb of one) is an error, not an allocation without end.
+const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// A reader whose lines may be at most [`MAX_LINE_BYTES`] long: past that, reading fails.
+struct LineLimit<R> {
+    inner: R,
+    /// Bytes consumed since the last newline.
+    since_newline: usize,
+}
+
+impl<R: BufRead> Read for LineLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl<R: BufRead> BufRead for LineLimit<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if self.since_newline > MAX_LINE_BYTES {
+            let message = format!("a line longer than {MAX_LINE_BYTES} bytes: not a file of this format");
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, message));
+        }
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, amount: usize) {
+        if amount == 0 {
+            return;
+        }
+        // consume follows a fill_buf that returned at least `amount` bytes: this reads nothing
+        let last_newline =
+            self.inner.fill_buf().ok().and_then(|b| b[..amount.min(b.len())].iter().rposition(|&c| c == b'\n'));
+        self.since_newline = match last_newline {
+            Some(i) => amount - i - 1,
+            None => self.since_newline + amount,
+        };
+        self.inner.consume(amount);
+    }
 }
 
 /// Reads a JSON-lines file (optionally gzipped) into rows; blank lines are skipped and a line that

@@ -372,7 +372,8 @@ fn run_eval(args: &EvalArgs, comm: &dyn Communicator) -> Result<()> {
         })?,
     };
     let device = Device::cuda_if_available(dist::local_rank())?;
-    let ckpt = checkpoint::load(&dir, step, &device, false, Some(&tokenizer.fingerprint()))?;
+    let ckpt = checkpoint::load(&dir, step, &device, false, Some(&tokenizer.fingerprint()))
+        .with_context(|| format!("loading the base model {tag} at step {step}: pick another with --step"))?;
     let (model, _) = checkpoint::model_from_checkpoint(&ckpt, &device)?;
     let mut markdown = format!("- model: {tag} step {step}\n");
     let mut metrics = json!({ "model_tag": tag, "step": step });

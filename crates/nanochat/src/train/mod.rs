@@ -367,7 +367,7 @@ pub fn save_checkpoint_on(
         let shard = crate::checkpoint::save_optim_shard(dir, meta.step, comm.rank(), &state)?;
         let shards = comm.all_gather_bytes(&serde_json::to_vec(&shard)?)?;
         if comm.is_root() {
-            let shards: Vec<(String, u64)> =
+            let shards: Vec<crate::checkpoint::FileRecord> =
                 shards.iter().map(|s| serde_json::from_slice(s)).collect::<Result<_, _>>()?;
             crate::checkpoint::save_sharded(dir, &crate::checkpoint::varmap_tensors(varmap)?, &shards, meta)?;
         }

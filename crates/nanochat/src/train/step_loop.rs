@@ -105,7 +105,8 @@ pub fn load_resume_checkpoint(
     fingerprint: &str,
     model_config: &GPTConfig,
 ) -> Result<Checkpoint> {
-    let ckpt = checkpoint::load(out_dir, step, device, true, Some(fingerprint))?;
+    let ckpt = checkpoint::load(out_dir, step, device, true, Some(fingerprint))
+        .with_context(|| format!("resuming from step {step}: pick another --resume-from-step"))?;
     if &ckpt.meta.model_config != model_config {
         bail!(
             "the checkpoint of step {step} in {} is of the model {:?} but this run's is {model_config:?}: resume \
