@@ -1,16 +1,17 @@
 """Checks `nanochat export --format hf` against transformers: exports a trained model, loads it with
 `AutoModelForCausalLM` / `AutoTokenizer` (no custom code, transformers' own NanoChatForCausalLM), and
-compares, prompt by prompt, with our engine (`nanochat bench logits`):
+compares, prompt by prompt, with our model (`nanochat bench logits`):
 - the token ids (transformers' tokenizer from our tokenizer.json vs ours), plain text and through the chat
   template (`apply_chat_template` vs our conversation rendering);
 - the logits at every position (max |difference|);
-- the greedy continuation (tokens and text; transformers' `generate`, do_sample=False).
+- the greedy continuation of the model alone (tokens and text; transformers' `generate`, do_sample=False;
+  ours without the calculator tool the engine runs).
 
     cargo build --release
     NANOCHAT_BASE_DIR=... /work/venv-ref/bin/python bench/hf_check.py [-i sft -g d20] [--dtype f32]
 
 A model trained here (or by the original) saw bf16-rounded rotary tables and transformers computes them in
-fp32, so the logits differ by ~1e-3 there and greedy tokens can differ where two logits are that close; a
+fp32, so the logits differ by a few 1e-3 there and greedy tokens can differ where two logits are that close; a
 model that came from transformers in the first place matches to float rounding. Prints a line per prompt
 and one JSON line.
 """

@@ -229,7 +229,7 @@ pub fn summary_notes(sections: &[Section]) -> String {
         (Some(eval), Some(train)) => {
             let _ = writeln!(
                 notes,
-                "- Val bpb, BASE: {eval:.4} from base eval{}; base training measured {train:.4}{} at its last                  step (the two differ by the amount of validation text they read).",
+                "- Val bpb, BASE: {eval:.4} from base eval{}; base training measured {train:.4}{} at its last step (the two differ by the amount of validation text they read).",
                 tokens("base_eval"),
                 tokens("base_train")
             );

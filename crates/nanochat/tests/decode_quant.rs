@@ -119,7 +119,7 @@ fn bf16_and_int8_kernels_match_a_scalar_reference() -> Result<()> {
     let mut rng = StdRng::seed_from_u64(11);
     // (n activation rows, k inputs, m outputs): k not a multiple of 8 or 32 hits the vector tails,
     // odd m the unpaired last weight row, n of 1..7 the decode kernel's groups of four, n >= 16
-    // the prefill GEMM over several widened blocks (k = 1000: 131 weight rows per block), and
+    // the prefill GEMM over several widened blocks (k = 1000: 2,097 weight rows per block), and
     // n · m · k past 2^17 the parallel paths
     let sizes = [
         (1, 37, 5),
@@ -132,6 +132,7 @@ fn bf16_and_int8_kernels_match_a_scalar_reference() -> Result<()> {
         (16, 45, 19),
         (33, 300, 601),
         (20, 1000, 300),
+        (20, 1000, 2500),
     ];
     let mut scratch = Vec::new();
     for (case, &(n, k, m)) in sizes.iter().enumerate() {

@@ -146,7 +146,7 @@ fn the_summary_explains_its_bpb_figures_and_says_when_rl_learned_nothing() -> Re
     assert!(md.contains("| Val bpb | 2.0627 | 1.5341 | - | - |"), "base eval's bpb, and midtraining's: {md}");
     assert!(md.contains("| SpellingBee | - | - | 0.1800 | - |"), "{md}");
     assert!(md.contains("2.0627 from base eval over up to 1048576 validation tokens"), "{md}");
-    assert!(md.contains("base training measured 2.0332 over up to 81920 validation tokens"), "{md}");
+    assert!(md.contains("base training measured 2.0332 over up to 81920 validation tokens at its last step"), "{md}");
     assert!(md.contains("RL learned nothing: the mean reward was 0 at every one of its 3 steps"), "{md}");
     assert!(md.contains("mean reward per step (every step): 0: 0.000, 1: 0.000, 2: 0.000"), "{md}");
     let curves = loss_curves(base.path())?;

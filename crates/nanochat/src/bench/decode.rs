@@ -67,8 +67,10 @@ const DECODE_PROMPT: usize = 100;
 const TTFT_PROMPTS: [usize; 2] = [100, 512];
 /// Batch sizes of the decode runs.
 const BATCHES: [usize; 2] = [1, 8];
-/// Elements per triad array: 64 MiB of f32 each, twice the L3 of the dev machine.
-const TRIAD_LEN: usize = 1 << 24;
+/// Bytes per triad array: at least 64 MiB, and four times the last-level cache where the system
+/// says how big it is (a server's L3 can hold hundreds of MiB), at most 1 GiB.
+const TRIAD_MIN_BYTES: usize = 64 << 20;
+const TRIAD_MAX_BYTES: usize = 1 << 30;
 
 /// The figures of one implementation.
 #[derive(Debug, Default)]
@@ -374,9 +376,12 @@ fn candle_decode(gpt: &GPT, prompt: &[u32], batch: usize, new: usize) -> Result<
 /// reports it: the figure is a ceiling, and on a shared machine the median mostly measures the
 /// neighbours.
 fn triad_bandwidth(runs: usize) -> Result<f64> {
-    let (b, c) = (vec![1.0f32; TRIAD_LEN], vec![2.0f32; TRIAD_LEN]);
-    let mut a = vec![0.0f32; TRIAD_LEN];
-    let chunk = TRIAD_LEN.div_ceil(4 * rayon::current_num_threads());
+    let bytes = last_level_cache_bytes()
+        .map_or(TRIAD_MIN_BYTES, |llc| llc.saturating_mul(4).clamp(TRIAD_MIN_BYTES, TRIAD_MAX_BYTES));
+    let len = bytes / std::mem::size_of::<f32>();
+    let (b, c) = (vec![1.0f32; len], vec![2.0f32; len]);
+    let mut a = vec![0.0f32; len];
+    let chunk = len.div_ceil(4 * rayon::current_num_threads());
     let mut best = f64::INFINITY;
     median(runs.max(5), || {
         let start = Instant::now();
@@ -390,5 +395,25 @@ fn triad_bandwidth(runs: usize) -> Result<f64> {
         Ok(secs)
     })?;
     std::hint::black_box(&a);
-    Ok((3 * 4 * TRIAD_LEN) as f64 / best)
+    Ok((3 * 4 * len) as f64 / best)
+}
+
+/// The largest cache CPU 0 reports (Linux sysfs: `cache/index*/size`, e.g. "260M" or "32768K"),
+/// or None where the system does not say.
+fn last_level_cache_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("size")).ok())
+        .filter_map(|size| {
+            let size = size.trim();
+            let (digits, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit()).unwrap_or(size.len()));
+            let scale = match unit {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                _ => return None,
+            };
+            digits.parse::<usize>().ok()?.checked_mul(scale)
+        })
+        .max()
 }

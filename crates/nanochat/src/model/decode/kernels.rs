@@ -27,9 +27,11 @@ const PAR_MIN_MACS: usize = 1 << 17;
 const PAR_MIN_WEIGHT_BYTES: usize = 1 << 17;
 /// Keys scored at once by [`attend`]: the scores of one block live on the stack.
 const KEY_BLOCK: usize = 64;
-/// Weights widened to f32 at once before a prefill GEMM over bf16 or int8 weights (512 KiB): the
-/// block stays in L2 for the GEMM that follows, and the scratch never grows to a whole `lm_head`.
-const DEQUANT_BLOCK: usize = 1 << 17;
+/// Weights widened to f32 at once before a prefill GEMM over bf16 or int8 weights (8 MiB): blocks of
+/// thousands of rows, so that the GEMM's packing of the activations and its fork-join are paid a few
+/// times per matrix, not hundreds (512 KiB blocks made bf16 and int8 prefill twice as slow as f32's
+/// at the d20 size), and the scratch never grows to a whole d20 `lm_head` (320 MiB in f32).
+const DEQUANT_BLOCK: usize = 1 << 21;
 
 /// A pointer to an output buffer that parallel tasks write at disjoint indices.
 #[derive(Clone, Copy)]
