@@ -534,7 +534,13 @@ fn admission_is_bounded_by_slots_plus_queue() -> Result<()> {
     let long = json!({"messages": [{"role": "user", "content": "go"}], "temperature": 0, "max_tokens": 4096});
     streams.push(send(addr, "POST", "/chat/completions", Some("application/json"), long.to_string().as_bytes())?);
     wait_for(addr, Duration::from_secs(10), |s| s["busy"] == 2 && s["queued"] == 1)?;
-    let health = get(addr, "/health")?.json()?;
+    // the worker counts itself full at its next step, a moment after the admissions /stats shows
+    let start = Instant::now();
+    let mut health = get(addr, "/health")?.json()?;
+    while health["available_workers"] != 0 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+        health = get(addr, "/health")?.json()?;
+    }
     assert_eq!(health["available_workers"], 0, "{health}");
     let body = json!({"messages": [{"role": "user", "content": "go"}], "max_tokens": 5});
     assert_eq!(post_json(addr, "/chat/completions", &body)?.status, 503);
