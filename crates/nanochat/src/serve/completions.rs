@@ -20,7 +20,8 @@ use super::api::MAX_TOTAL_CHARS;
 use super::openai::{busy, error, finish_reason, finite, invalid, rejected, stream_error, token_text, usage};
 use super::openai::{Asked, Head, Refused, StreamOptions};
 use super::params::{parse, reject, Invalid, MAX_TOP_LOGPROBS};
-use super::workers::{Event, Finish, TokenInfo};
+use super::reply::Gathered;
+use super::workers::{Event, TokenInfo};
 use super::{json_response, AppState, EventBody};
 
 #[derive(Debug, Deserialize)]
@@ -125,40 +126,24 @@ pub async fn completions(State(state): State<Arc<AppState>>, body: Result<Json<V
         let mut chunks = chunks;
         return EventBody::response(events, move |event| chunks.format(event));
     }
-    let mut text = vec![chunks.echoed.clone(); n];
-    let mut logprobs = vec![Logprobs::default(); n];
-    let mut finish = vec![Finish::Length; n];
-    while let Some(event) = events.recv().await {
-        match event {
-            Event::Text { index, text: piece, logprobs: lp, .. } => {
-                if let Some(text) = text.get_mut(index) {
-                    text.push_str(&piece);
-                    logprobs[index].extend(&chunks.tok, &lp, chunks.echo_chars);
-                }
-            }
-            Event::End { index, finish: f } => {
-                if let Some(slot) = finish.get_mut(index) {
-                    *slot = f;
-                }
-            }
-            Event::Error(message) => return error(StatusCode::INTERNAL_SERVER_ERROR, message, None),
-            Event::Done { completion_tokens, cached_tokens } => {
-                let choices: Vec<Value> = (0..n)
-                    .map(|i| {
-                        json!({
-                            "index": i,
-                            "text": text[i],
-                            "logprobs": with_logprobs.then(|| logprobs[i].to_json()),
-                            "finish_reason": finish_reason(finish[i]),
-                        })
-                    })
-                    .collect();
-                let body = chunks.object(json!(choices), Some(usage(prompt_tokens, completion_tokens, cached_tokens)));
-                return json_response(StatusCode::OK, &body);
-            }
-        }
-    }
-    error(StatusCode::INTERNAL_SERVER_ERROR, "the model worker stopped without finishing the reply", None)
+    let reply = match Gathered::read(&mut events, n).await {
+        Ok(reply) => reply,
+        Err(message) => return error(StatusCode::INTERNAL_SERVER_ERROR, message, None),
+    };
+    let choices: Vec<Value> = (0..n)
+        .map(|i| {
+            let mut logprobs = Logprobs::default();
+            logprobs.extend(&chunks.tok, &reply.logprobs[i], chunks.echo_chars);
+            json!({
+                "index": i,
+                "text": format!("{}{}", chunks.echoed, reply.text[i]),
+                "logprobs": with_logprobs.then(|| logprobs.to_json()),
+                "finish_reason": finish_reason(reply.finish[i]),
+            })
+        })
+        .collect();
+    let usage = usage(prompt_tokens, reply.completion_tokens, reply.cached_tokens);
+    json_response(StatusCode::OK, &chunks.object(json!(choices), Some(usage)))
 }
 
 /// The fields this API refuses or bounds.

@@ -33,6 +33,7 @@ use serde_json::{json, Value};
 
 use super::api::{busy_message, rejection_status, reply_room, MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS};
 use super::params::{choices, parse, reject, Invalid, SamplingFields, MAX_TOP_LOGPROBS};
+use super::reply::Gathered;
 use super::transcript::{render_prompt, Segment};
 use super::workers::{Event, Finish, TokenInfo};
 use super::{json_response, AppState, EventBody};
@@ -345,48 +346,30 @@ pub async fn chat_completions(
         let mut chunks = ChatChunks { head, n, prompt_tokens, include_usage, with_logprobs, tok, started: false };
         return EventBody::response(events, move |event| chunks.format(event));
     }
-    let mut content = vec![String::new(); n];
-    let mut logprobs = vec![Vec::new(); n];
-    let mut finish = vec![Finish::Length; n];
-    while let Some(event) = events.recv().await {
-        match event {
-            Event::Text { index, text, logprobs: lp, .. } => {
-                if let Some(content) = content.get_mut(index) {
-                    content.push_str(&text);
-                    logprobs[index].extend(lp.iter().map(|t| chat_logprob(&tok, t)));
-                }
-            }
-            Event::End { index, finish: f } => {
-                if let Some(slot) = finish.get_mut(index) {
-                    *slot = f;
-                }
-            }
-            Event::Error(message) => return error(StatusCode::INTERNAL_SERVER_ERROR, message, None),
-            Event::Done { completion_tokens, cached_tokens } => {
-                let choices: Vec<Value> = (0..n)
-                    .map(|i| {
-                        let lp = with_logprobs.then(|| json!({"content": logprobs[i], "refusal": null}));
-                        json!({
-                            "index": i,
-                            "message": {"role": "assistant", "content": content[i], "refusal": null},
-                            "logprobs": lp,
-                            "finish_reason": finish_reason(finish[i]),
-                        })
-                    })
-                    .collect();
-                let body = json!({
-                    "id": head.id,
-                    "object": "chat.completion",
-                    "created": head.created,
-                    "model": head.model,
-                    "choices": choices,
-                    "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
-                });
-                return json_response(StatusCode::OK, &body);
-            }
-        }
-    }
-    error(StatusCode::INTERNAL_SERVER_ERROR, "the model worker stopped without finishing the reply", None)
+    let reply = match Gathered::read(&mut events, n).await {
+        Ok(reply) => reply,
+        Err(message) => return error(StatusCode::INTERNAL_SERVER_ERROR, message, None),
+    };
+    let choices: Vec<Value> = (0..n)
+        .map(|i| {
+            let content: Vec<Value> = reply.logprobs[i].iter().map(|t| chat_logprob(&tok, t)).collect();
+            json!({
+                "index": i,
+                "message": {"role": "assistant", "content": reply.text[i], "refusal": null},
+                "logprobs": with_logprobs.then(|| json!({"content": content, "refusal": null})),
+                "finish_reason": finish_reason(reply.finish[i]),
+            })
+        })
+        .collect();
+    let body = json!({
+        "id": head.id,
+        "object": "chat.completion",
+        "created": head.created,
+        "model": head.model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, reply.completion_tokens, reply.cached_tokens),
+    });
+    json_response(StatusCode::OK, &body)
 }
 
 /// What every response object of one request repeats.

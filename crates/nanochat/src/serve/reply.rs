@@ -12,7 +12,7 @@
 
 use std::time::Instant;
 
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::metrics::Stats;
 use super::transcript::ReplyText;
@@ -50,6 +50,52 @@ pub enum Finish {
 pub struct TokenInfo {
     pub offset: usize,
     pub logprob: TokenLogprob,
+}
+
+/// A reply read to its end, for the APIs that answer in one body: each choice's text and the
+/// log-probabilities of its tokens (when asked for), why it ended, and the counts of `Done`.
+pub(crate) struct Gathered {
+    pub(crate) text: Vec<String>,
+    pub(crate) logprobs: Vec<Vec<TokenInfo>>,
+    pub(crate) finish: Vec<Finish>,
+    pub(crate) completion_tokens: usize,
+    pub(crate) cached_tokens: usize,
+}
+
+impl Gathered {
+    /// Reads the events of a reply of `n` choices to its `Done`; the worker's message on `Error`
+    /// or when the events stop first.
+    pub(crate) async fn read(events: &mut UnboundedReceiver<Event>, n: usize) -> Result<Gathered, String> {
+        let mut reply = Gathered {
+            text: vec![String::new(); n],
+            logprobs: vec![Vec::new(); n],
+            finish: vec![Finish::Length; n],
+            completion_tokens: 0,
+            cached_tokens: 0,
+        };
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Text { index, text, logprobs, .. } => {
+                    if let (Some(t), Some(l)) = (reply.text.get_mut(index), reply.logprobs.get_mut(index)) {
+                        t.push_str(&text);
+                        l.extend(logprobs);
+                    }
+                }
+                Event::End { index, finish } => {
+                    if let Some(slot) = reply.finish.get_mut(index) {
+                        *slot = finish;
+                    }
+                }
+                Event::Error(message) => return Err(message),
+                Event::Done { completion_tokens, cached_tokens } => {
+                    reply.completion_tokens = completion_tokens;
+                    reply.cached_tokens = cached_tokens;
+                    return Ok(reply);
+                }
+            }
+        }
+        Err("the model worker stopped without finishing the reply".into())
+    }
 }
 
 /// What [`Reply::push`] made of a token.
