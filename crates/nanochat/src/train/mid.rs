@@ -198,9 +198,7 @@ impl MidCommand {
     /// What running this command downloads on first use (nothing with a mirror).
     pub fn downloads(&self) -> Vec<RemoteFile> {
         let MidCommand::Train(args) = self;
-        let mut datasets = sources();
-        datasets.extend(args.stage.identity_sources());
-        args.stage.downloads(&datasets)
+        args.stage.mixture_downloads(sources())
     }
 }
 

@@ -525,13 +525,13 @@ impl ChatStageArgs {
         }
     }
 
-    /// The online sources of the identity conversations, unless a file or a mirror replaces them.
-    pub fn identity_sources(&self) -> Vec<Dataset> {
-        if self.identity_file.is_none() && self.data_dir.is_none() {
-            vec![Dataset::Identity]
-        } else {
-            Vec::new()
+    /// The files a stage training on a mixture downloads: its online `sources` and the identity
+    /// conversations, unless a file replaces them (nothing with a mirror).
+    pub fn mixture_downloads(&self, mut sources: Vec<Dataset>) -> Vec<RemoteFile> {
+        if self.identity_file.is_none() {
+            sources.push(Dataset::Identity);
         }
+        self.downloads(&sources)
     }
 
     /// The files the stage downloads, from its online `sources` (none with a mirror).
